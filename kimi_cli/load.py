@@ -1,0 +1,123 @@
+"""`kimi_cli.load(path) -> (model, tokenizer)`: a release-format checkpoint into our MLX model.
+
+Format quirks are handled here once (int4 packing, scales, kv_b_proj split, compute dtype) so
+the forward pass only sees clean tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .checkpoint.layout import EXPERT_PROJS, expert_shapes
+from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
+from .errors import CheckpointError
+from .model import Model
+from .tokenizer import Tokenizer
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU backend (bf16 there is 4-6x slower and less precise), bf16 on Metal."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None,
+         lazy: bool = False) -> tuple[Model, Tokenizer]:
+    """Load a release-format directory (or a Hub repo id in the HF cache) as (model, tokenizer)."""
+    root = resolve_model_path(path)
+    ckpt = open_checkpoint(root)
+    tokenizer = Tokenizer.from_dir(root)
+    if tokenizer.vocab_size > ckpt.args.vocab_size:
+        raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
+                              f"config.json vocab_size is {ckpt.args.vocab_size}")
+    model = load_model(ckpt, dtype=dtype or default_dtype(), lazy=lazy)
+    return model, tokenizer
+
+
+class _Shards:
+    """Lazily opened shards (mx.load maps a file; arrays are read when evaluated)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, dict[str, mx.array]] = {}
+
+    def get(self, ckpt: Checkpoint, name: str) -> mx.array:
+        info = ckpt.tensors[name]
+        arrays = self._open.get(info.file)
+        if arrays is None:
+            try:
+                arrays = mx.load(str(info.file))
+            except Exception as e:
+                raise CheckpointError(f"{info.file}: cannot read safetensors ({e})") from None
+            self._open[info.file] = arrays
+        return arrays[name]
+
+
+def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False) -> Model:
+    args = ckpt.args
+    model = Model(args)
+    shards = _Shards()
+    expected = dict(tree_flatten(model.parameters()))
+    weights: dict[str, mx.array] = {}
+
+    def put(key: str, value: mx.array) -> None:
+        if key not in expected:
+            raise AssertionError(f"internal: model has no parameter {key}")
+        weights[key] = value
+
+    for name in ckpt.tensors:
+        if ".mlp.experts." in name or "kv_b_proj" in name:
+            continue
+        value = shards.get(ckpt, name)
+        if not name.endswith("e_score_correction_bias"):
+            value = value.astype(dtype)
+        put(name, value)
+
+    H, nope, v = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
+    for i in range(args.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        kv_b = shards.get(ckpt, pre + "self_attn.kv_b_proj.weight").astype(dtype)
+        kv_b = kv_b.reshape(H, nope + v, args.kv_lora_rank)
+        put(pre + "self_attn.w_uk", mx.contiguous(kv_b[:, :nope, :]))
+        put(pre + "self_attn.w_uv", mx.contiguous(kv_b[:, nope:, :]))
+        if args.is_moe_layer(i):
+            for key, value in stack_experts(ckpt, shards, i, dtype).items():
+                put(pre + "mlp.experts." + key, value)
+        if not lazy:
+            mx.eval([w for k, w in weights.items() if k.startswith(pre)])
+
+    missing = set(expected) - set(weights)
+    if missing:
+        raise AssertionError(f"internal: parameters not loaded: {sorted(missing)[:5]}")
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def stack_experts(ckpt: Checkpoint, shards: _Shards, layer: int,
+                  dtype: mx.Dtype) -> dict[str, mx.array]:
+    """A layer's routed experts as stacked MLX affine-int4 arrays (biases = -8 * scale, exact)."""
+    args = ckpt.args
+    pre = f"model.layers.{layer}.mlp.experts."
+    out = {}
+    shapes = expert_shapes(args)
+    for proj in EXPERT_PROJS:
+        shape = shards.get(ckpt, f"{pre}0.{proj}.weight_shape")
+        if [int(d) for d in np.array(shape)] != list(shapes[proj]):
+            raise CheckpointError(
+                f"{ckpt.tensors[f'{pre}0.{proj}.weight_shape'].file}: {pre}0.{proj}.weight_shape "
+                f"is {np.array(shape).tolist()}, expected {list(shapes[proj])}")
+        packed = [shards.get(ckpt, f"{pre}{e}.{proj}.weight_packed")
+                  for e in range(args.n_routed_experts)]
+        scales = [shards.get(ckpt, f"{pre}{e}.{proj}.weight_scale")
+                  for e in range(args.n_routed_experts)]
+        s = mx.stack(scales).astype(dtype)
+        out[f"{proj}.weight"] = mx.stack(packed).view(mx.uint32)
+        out[f"{proj}.scales"] = s
+        out[f"{proj}.biases"] = -8 * s
+    return out

@@ -1,0 +1,82 @@
+"""Multi-head latent attention (MLA) computed directly over the cached latent.
+
+kv_b_proj is split per head into W_UK and W_UV and absorbed into the query and the output, so the
+cache never holds per-head keys or values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .args import ModelArgs
+from .cache import LatentCache
+
+
+def yarn_softmax_scale(args: ModelArgs) -> float:
+    scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
+    rs = args.rope_scaling or {}
+    mscale_all_dim = rs.get("mscale_all_dim", 0)
+    factor = rs.get("factor", 1.0)
+    if mscale_all_dim and factor > 1:
+        m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+class MLAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.nope = args.qk_nope_head_dim
+        self.rope_dim = args.qk_rope_head_dim
+        self.rank = args.kv_lora_rank
+        self.v_dim = args.v_head_dim
+        h = args.hidden_size
+        self.q_a_proj = nn.Linear(h, args.q_lora_rank, bias=False)
+        self.q_a_layernorm = nn.RMSNorm(args.q_lora_rank, eps=1e-6)
+        self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * (self.nope + self.rope_dim),
+                                  bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=1e-6)
+        # kv_b_proj split per head: w_uk [H, nope, rank], w_uv [H, v, rank] (set at load).
+        self.w_uk = mx.zeros((self.n_heads, self.nope, self.rank))
+        self.w_uv = mx.zeros((self.n_heads, self.v_dim, self.rank))
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+        self.scale = yarn_softmax_scale(args)
+        self.rope = initialize_rope(
+            dims=self.rope_dim,
+            base=args.rope_theta,
+            traditional=True,
+            scaling_config=args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, cache: LatentCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, L, self.n_heads, self.nope + self.rope_dim).transpose(0, 2, 1, 3)
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[..., : self.rank])
+        k_pe = kv[..., self.rank :]
+
+        offset = cache.offset if cache is not None else 0
+        q_pe = self.rope(q_pe, offset)
+        k_pe = self.rope(k_pe[:, None], offset)
+        latent = mx.concatenate([c_kv[:, None], k_pe], axis=-1)
+        if cache is not None:
+            latent = cache.update_and_fetch(latent)
+
+        # Absorb W_UK into the query: scores over [c_kv | k_pe] with one shared "kv head".
+        queries = mx.concatenate([q_nope @ self.w_uk, q_pe], axis=-1)
+        values = latent[..., : self.rank]
+        mask = "causal" if L > 1 else None
+        out = mx.fast.scaled_dot_product_attention(
+            queries, latent, values, scale=self.scale, mask=mask
+        )
+        out = out @ self.w_uv.swapaxes(-1, -2)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

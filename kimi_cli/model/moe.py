@@ -1,0 +1,94 @@
+"""The MoE block: noaux_tc sigmoid router, int4 routed experts, shared expert; and the dense MLP."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_kernels import QuantizedWeight, expert_swiglu
+
+from .args import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: layer 0's dense MLP and the shared expert."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits: mx.array, bias: mx.array, top_k: int, scaling: float, normalize: bool):
+    """noaux_tc: choose by sigmoid score + correction bias, weight by the unbiased score."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    inds = mx.argpartition(-(scores + bias), kth=top_k - 1, axis=-1)[..., :top_k]
+    weights = mx.take_along_axis(scores, inds, axis=-1)
+    if top_k > 1 and normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return inds, weights * scaling
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+        self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
+        self.top_k = args.num_experts_per_tok
+        self.scaling = args.routed_scaling_factor
+        self.normalize = args.norm_topk_prob
+        if args.topk_method != "noaux_tc" or args.scoring_func != "sigmoid":
+            raise ValueError("only the noaux_tc sigmoid router is supported")
+        if args.n_group != 1 or args.topk_group != 1:
+            raise ValueError("grouped expert selection (n_group > 1) is not supported")
+
+    def __call__(self, x: mx.array):
+        return route(x @ self.weight.T, self.e_score_correction_bias, self.top_k, self.scaling,
+                     self.normalize)
+
+
+class RoutedExperts(nn.Module):
+    """All of a layer's routed experts resident as stacked int4 arrays [E, out, in/8]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.group_size = args.group_size
+        E, h, m = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
+        for name, (out, inp) in (("gate_proj", (m, h)), ("up_proj", (m, h)),
+                                 ("down_proj", (h, m))):
+            setattr(self, name, {
+                "weight": mx.zeros((E, out, inp // 8), mx.uint32),
+                "scales": mx.zeros((E, out, inp // self.group_size)),
+                "biases": mx.zeros((E, out, inp // self.group_size)),
+            })
+
+    def _w(self, name: str) -> QuantizedWeight:
+        d = getattr(self, name)
+        return QuantizedWeight(d["weight"], d["scales"], d["biases"])
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        return expert_swiglu(x, inds, self._w("gate_proj"), self._w("up_proj"),
+                             self._w("down_proj"), self.group_size)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Router(args)
+        self.experts = RoutedExperts(args)
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            if args.n_shared_experts else None
+        )
+
+    def __call__(self, x: mx.array) -> mx.array:
+        inds, weights = self.gate(x)
+        y = self.experts(x, inds)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

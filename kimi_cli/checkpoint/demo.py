@@ -1,0 +1,32 @@
+"""The built-in demo model: a small synthetic checkpoint built once under the XDG cache dir.
+
+Lets a fresh install run end to end without the 594 GB download; its weights are random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import config
+from .synthetic import write_checkpoint
+
+DEMO_NAME = "demo"
+DEMO_PRESET = "small"
+DEMO_SEED = 0
+# Bump when the synthetic format changes so stale demo checkpoints are rebuilt.
+DEMO_VERSION = 1
+
+
+def demo_path() -> Path:
+    return config.cache_dir() / "demo" / f"{DEMO_PRESET}-seed{DEMO_SEED}-v{DEMO_VERSION}"
+
+
+def ensure_demo_model(progress: Callable[[str], None] | None = None) -> Path:
+    path = demo_path()
+    if (path / "config.json").exists():
+        return path
+    if progress:
+        progress(f"kimi: building the demo checkpoint once in {path} ...")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_checkpoint(path, DEMO_PRESET, DEMO_SEED)

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def load(path, **options):
     """Load a release-format checkpoint (or a Hub repo id in the HF cache): (model, tokenizer)."""
-    from .load import load as _load
+    from .loader import load as _load
 
     return _load(path, **options)
 

@@ -105,7 +105,7 @@ def resolve_model(spec: str | None) -> str:
 
 def load_for_cli(spec: str, quiet: bool):
     from .checkpoint.demo import DEMO_NAME, ensure_demo_model
-    from .load import load
+    from .loader import load
 
     if spec == DEMO_NAME:
         if not quiet:

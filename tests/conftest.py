@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -119,3 +120,34 @@ def tokenizer(tok_dir: Path):
     from kimi_cli.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(tok_dir)
+
+
+# Synthetic checkpoints in the release's exact format (random weights), written once per session.
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset (seed 0): a few MB, odd dimensions. Read it, don't modify it."""
+    from kimi_cli.checkpoint.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small preset (seed 1), ~60 MB. Read it, don't modify it."""
+    from kimi_cli.checkpoint.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", "small", seed=1)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A private copy of a checkpoint directory, for tests that corrupt or edit files."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def corruptible_ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the tiny checkpoint that a test may damage."""
+    return copy_checkpoint(tiny_ckpt, tmp_path / "ckpt")

@@ -14,6 +14,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .args import ModelArgs
 from .cache import LatentCache
+from .linear import Linear
 
 
 def yarn_softmax_scale(args: ModelArgs) -> float:
@@ -28,7 +29,7 @@ def yarn_softmax_scale(args: ModelArgs) -> float:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, input_major: bool = False):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.nope = args.qk_nope_head_dim
@@ -36,16 +37,16 @@ class MLAttention(nn.Module):
         self.rank = args.kv_lora_rank
         self.v_dim = args.v_head_dim
         h = args.hidden_size
-        self.q_a_proj = nn.Linear(h, args.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(h, args.q_lora_rank, input_major)
         self.q_a_layernorm = nn.RMSNorm(args.q_lora_rank, eps=1e-6)
-        self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * (self.nope + self.rope_dim),
-                                  bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope_dim, bias=False)
+        self.q_b_proj = Linear(args.q_lora_rank, self.n_heads * (self.nope + self.rope_dim),
+                               input_major)
+        self.kv_a_proj_with_mqa = Linear(h, self.rank + self.rope_dim, input_major)
         self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=1e-6)
-        # kv_b_proj split per head: w_uk [H, nope, rank], w_uv [H, v, rank] (set at load).
+        # kv_b_proj split per head (at load): w_uk [H, nope, rank], w_uv_t [H, rank, v].
         self.w_uk = mx.zeros((self.n_heads, self.nope, self.rank))
-        self.w_uv = mx.zeros((self.n_heads, self.v_dim, self.rank))
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, h, bias=False)
+        self.w_uv_t = mx.zeros((self.n_heads, self.rank, self.v_dim))
+        self.o_proj = Linear(self.n_heads * self.v_dim, h, input_major)
         self.scale = yarn_softmax_scale(args)
         self.rope = initialize_rope(
             dims=self.rope_dim,
@@ -78,5 +79,5 @@ class MLAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(
             queries, latent, values, scale=self.scale, mask=mask
         )
-        out = out @ self.w_uv.swapaxes(-1, -2)
+        out = out @ self.w_uv_t
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

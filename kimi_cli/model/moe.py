@@ -8,16 +8,17 @@ import mlx.nn as nn
 from mlx_kernels import QuantizedWeight, expert_swiglu
 
 from .args import ModelArgs
+from .linear import Linear
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: layer 0's dense MLP and the shared expert."""
 
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, input_major: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, input_major)
+        self.up_proj = Linear(hidden, inter, input_major)
+        self.down_proj = Linear(inter, hidden, input_major)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -33,10 +34,9 @@ def route(logits: mx.array, bias: mx.array, top_k: int, scaling: float, normaliz
     return inds, weights * scaling
 
 
-class Router(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.weight = mx.zeros((args.n_routed_experts, args.hidden_size))
+class Router(Linear):
+    def __init__(self, args: ModelArgs, input_major: bool = False):
+        super().__init__(args.hidden_size, args.n_routed_experts, input_major)
         self.e_score_correction_bias = mx.zeros((args.n_routed_experts,))
         self.top_k = args.num_experts_per_tok
         self.scaling = args.routed_scaling_factor
@@ -47,7 +47,7 @@ class Router(nn.Module):
             raise ValueError("grouped expert selection (n_group > 1) is not supported")
 
     def __call__(self, x: mx.array):
-        return route(x @ self.weight.T, self.e_score_correction_bias, self.top_k, self.scaling,
+        return route(super().__call__(x), self.e_score_correction_bias, self.top_k, self.scaling,
                      self.normalize)
 
 
@@ -76,12 +76,13 @@ class RoutedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, input_major: bool = False):
         super().__init__()
-        self.gate = Router(args)
+        self.gate = Router(args, input_major)
         self.experts = RoutedExperts(args)
         self.shared_experts = (
-            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
+                input_major)
             if args.n_shared_experts else None
         )
 

@@ -56,9 +56,12 @@ class _Shards:
         return arrays[name]
 
 
-def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False) -> Model:
+def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
+               input_major: bool | None = None) -> Model:
     args = ckpt.args
-    model = Model(args)
+    if input_major is None:
+        input_major = mx.default_device() == mx.cpu
+    model = Model(args, input_major)
     shards = _Shards()
     expected = dict(tree_flatten(model.parameters()))
     weights: dict[str, mx.array] = {}
@@ -74,6 +77,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False) -> Model:
         value = shards.get(ckpt, name)
         if not name.endswith("e_score_correction_bias"):
             value = value.astype(dtype)
+        if input_major and value.ndim == 2 and name != "model.embed_tokens.weight":
+            value = mx.contiguous(value.T)
         put(name, value)
 
     H, nope, v = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
@@ -82,7 +87,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False) -> Model:
         kv_b = shards.get(ckpt, pre + "self_attn.kv_b_proj.weight").astype(dtype)
         kv_b = kv_b.reshape(H, nope + v, args.kv_lora_rank)
         put(pre + "self_attn.w_uk", mx.contiguous(kv_b[:, :nope, :]))
-        put(pre + "self_attn.w_uv", mx.contiguous(kv_b[:, nope:, :]))
+        put(pre + "self_attn.w_uv_t", mx.contiguous(kv_b[:, nope:, :].swapaxes(-1, -2)))
         if args.is_moe_layer(i):
             for key, value in stack_experts(ckpt, shards, i, dtype).items():
                 put(pre + "mlp.experts." + key, value)

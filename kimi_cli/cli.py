@@ -103,7 +103,7 @@ def resolve_model(spec: str | None) -> str:
     )
 
 
-def load_for_cli(spec: str, quiet: bool):
+def load_for_cli(spec: str, quiet: bool, **options):
     from .checkpoint.demo import DEMO_NAME, ensure_demo_model
     from .loader import load
 
@@ -112,8 +112,8 @@ def load_for_cli(spec: str, quiet: bool):
             _err("kimi: using the built-in demo model: random weights, so the text is gibberish "
                  "(it shows the whole pipeline working without the 594 GB download)")
         path = ensure_demo_model(progress=None if quiet else _err)
-        return load(path)
-    return load(spec)
+        return load(path, **options)
+    return load(spec, **options)
 
 
 @app.command()
@@ -141,6 +141,11 @@ def run(
         "--hide-reasoning", help="Do not show the reasoning on stderr.")] = False,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Only the answer: no reasoning, notes or stats.")] = False,
+    expert_cache: Annotated[str | None, typer.Option(
+        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
+        "this size (e.g. 40GB, 25%, auto).")] = None,
+    no_prefetch: Annotated[bool, typer.Option(
+        "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
@@ -152,7 +157,8 @@ def run(
         settings.validate()
         text = read_prompt(prompt)
         spec = resolve_model(model)
-        mdl, tok = load_for_cli(spec, quiet or fmt != Format.text)
+        mdl, tok = load_for_cli(spec, quiet or fmt != Format.text, expert_cache=expert_cache,
+                                prefetch=not no_prefetch)
         if raw:
             prompt_text = text
         else:
@@ -249,12 +255,16 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
         "token_ids": done.token_ids,
         **{k: v for k, v in st.to_dict().items()},
     }
+    cache = getattr(mdl, "expert_cache", None)
+    if cache is not None:
+        result["expert_cache"] = cache.stats.to_dict()
     if fmt == Format.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
         return
     if fmt == Format.jsonl:
-        emit({"type": "stats", **st.to_dict()})
+        emit({"type": "stats", **st.to_dict(),
+              **({"expert_cache": result["expert_cache"]} if "expert_cache" in result else {})})
         emit({"type": "done", "finish_reason": done.finish_reason})
         return
     if in_reasoning:
@@ -267,6 +277,11 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
              f"{st.prompt_tps:.1f} tok/s | {st.generation_tokens} generated, "
              f"{st.generation_tps:.1f} tok/s | peak {st.peak_memory_gb:.2f} GB | "
              f"{done.finish_reason}]")
+        if cache is not None:
+            c = result["expert_cache"]
+            _err(f"[expert cache: hit rate {c['hit_rate']:.1%}, {c['gb_read_per_token']:.3f} GB "
+                 f"read/token, stall {c['stall_ms_per_token']:.1f} ms/token, "
+                 f"{c['resident_bytes'] / 1e9:.2f} GB resident]")
 
 
 def _call_dict(c) -> dict:
@@ -321,6 +336,98 @@ def _quiet_broken_pipe() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(
+        help="Release checkpoint directory or Hub repo id in the HF cache "
+             "(with --verify: the pack to check).")],
+    dst: Annotated[str | None, typer.Argument(
+        help="Pack directory; default: SRC-pack next to SRC, or "
+             "$XDG_CACHE_HOME/kimi-mlx/packs/OWNER--NAME for a Hub id.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Convert again even if DST already holds a pack.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check an existing pack's checksums and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+) -> None:
+    """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
+    with _errors(debug):
+        if verify:
+            from .experts.pack import open_pack
+
+            target = dst or src
+            with open_pack(target) as pack:
+                pack.verify(progress=_ConvertProgress("verify"))
+            _err(f"kimi: {target}: all {sum(e.n_experts for e in pack.layers.values())} "
+                 "expert blocks and the resident weights pass their checksums")
+            return
+        from .experts.convert import convert as convert_checkpoint
+        from .experts.convert import default_pack_dir
+
+        out = default_pack_dir(src) if dst is None else dst
+        show = _ConvertProgress("convert")
+        try:
+            result = convert_checkpoint(src, out, show, force=force, on_shard=show.shard)
+        except KeyboardInterrupt:
+            show.finish()
+            _err(f"kimi: conversion stopped; rerun `kimi convert {src} {out}` to resume")
+            raise
+        show.finish()
+        skipped = (f", {len(result.shards_skipped)} shards already done"
+                   if result.shards_skipped else "")
+        _err(f"kimi: converted {result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s "
+             f"({result.throughput / 1e6:.0f} MB/s{skipped}), peak RSS "
+             f"{result.peak_rss / 1e6:.0f} MB")
+        sys.stdout.write(f"{result.path}\n")
+        sys.stdout.flush()
+
+
+class _ConvertProgress:
+    """Bytes, rate and ETA on stderr: a live `\\r` line on a terminal, else one line per shard."""
+
+    def __init__(self, verb: str):
+        self.verb = verb
+        self.tty = sys.stderr.isatty()
+        self.start: int | None = None  # bytes already done when this run started (resume)
+        self.last = (0, 0, 0.0)
+        self.shown = 0.0
+        self.live = False
+
+    def _line(self) -> str:
+        done, total, elapsed = self.last
+        rate = (done - (self.start or 0)) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        pct = 100 * done / total if total else 100.0
+        return (f"{self.verb}: {done / 1e9:.2f}/{total / 1e9:.2f} GB ({pct:.0f}%), "
+                f"{rate / 1e6:.0f} MB/s, ETA {_duration(eta)}")
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if self.start is None:
+            self.start = done
+        self.last = (done, total, elapsed)
+        if self.tty and (elapsed - self.shown >= 0.2 or done == total):
+            self.shown = elapsed
+            sys.stderr.write("\r\x1b[K" + self._line())
+            sys.stderr.flush()
+            self.live = True
+
+    def shard(self, name: str, index: int, count: int, skipped: bool) -> None:
+        if not self.tty:
+            state = "already done" if skipped else self._line()
+            _err(f"kimi: shard {index}/{count} {name}: {state}")
+
+    def finish(self) -> None:
+        if self.live:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.live = False
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def main() -> None:

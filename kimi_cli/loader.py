@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
-from .errors import CheckpointError
+from .errors import CheckpointError, KimiError
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -25,17 +25,50 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None,
-         lazy: bool = False) -> tuple[Model, Tokenizer]:
-    """Load a release-format directory (or a Hub repo id in the HF cache) as (model, tokenizer)."""
+def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool = False,
+         expert_cache: str | int | None = None, prefetch: bool = True,
+         read_threads: int = 4) -> tuple[Model, Tokenizer]:
+    """Load a release directory, an expert pack (`kimi convert`) or a Hub repo id in the HF cache.
+
+    `expert_cache` (bytes, or a size such as "40GB" or "25%") streams routed experts from the
+    pack through a cache of that size; "auto" sizes it from the machine's memory.
+    """
+    from .experts.pack import is_pack_dir, open_pack
+
     root = resolve_model_path(path)
-    ckpt = open_checkpoint(root)
+    dtype = dtype or default_dtype()
+    pack = open_pack(root) if is_pack_dir(root) else None
+    ckpt = open_checkpoint(root, with_experts=pack is None)
     tokenizer = Tokenizer.from_dir(root)
     if tokenizer.vocab_size > ckpt.args.vocab_size:
         raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {ckpt.args.vocab_size}")
-    model = load_model(ckpt, dtype=dtype or default_dtype(), lazy=lazy)
+    slots: dict[int, int] = {}
+    if expert_cache is not None:
+        if pack is None:
+            raise KimiError(f"{root}: the expert cache streams from an expert pack; "
+                            f"make one with `kimi convert {path}` and load that directory")
+        slots = plan_cache(ckpt, expert_cache, dtype)
+    model = load_model(ckpt, dtype=dtype, lazy=lazy, pack=pack, slots=slots,
+                       prefetch=prefetch, read_threads=read_threads)
     return model, tokenizer
+
+
+def plan_cache(ckpt: Checkpoint, spec: str | int, dtype: mx.Dtype) -> dict[int, int]:
+    from .experts.cache import default_budget, parse_size, plan_slots
+
+    args = ckpt.args
+    resident = sum(t.nbytes for t in ckpt.tensors.values()) * (dtype.size // 2 or 1)
+    if isinstance(spec, int):
+        budget = spec
+    elif spec == "auto":
+        kv = 32768 * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
+        budget = default_budget(args, resident, kv * dtype.size)
+    else:
+        from .experts.cache import _machine_memory
+
+        budget = parse_size(spec, total=_machine_memory())
+    return plan_slots(args, budget, dtype)
 
 
 class _Shards:
@@ -57,11 +90,18 @@ class _Shards:
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
-               input_major: bool | None = None) -> Model:
+               input_major: bool | None = None, pack=None, slots: dict[int, int] | None = None,
+               prefetch: bool = True, read_threads: int = 4) -> Model:
+    """Build the model; routed experts come from the release shards, or from a pack (all
+    resident, or the layers in `slots` streamed through an expert cache of that many slots)."""
     args = ckpt.args
+    slots = slots or {}
     if input_major is None:
         input_major = mx.default_device() == mx.cpu
     model = Model(args, input_major)
+    cache = None
+    if slots:
+        cache = attach_expert_cache(model, pack, slots, dtype, prefetch, read_threads)
     shards = _Shards()
     expected = dict(tree_flatten(model.parameters()))
     weights: dict[str, mx.array] = {}
@@ -88,8 +128,10 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
         kv_b = kv_b.reshape(H, nope + v, args.kv_lora_rank)
         put(pre + "self_attn.w_uk", mx.contiguous(kv_b[:, :nope, :]))
         put(pre + "self_attn.w_uv_t", mx.contiguous(kv_b[:, nope:, :].swapaxes(-1, -2)))
-        if args.is_moe_layer(i):
-            for key, value in stack_experts(ckpt, shards, i, dtype).items():
+        if args.is_moe_layer(i) and i not in slots:
+            experts = (stack_experts(ckpt, shards, i, dtype) if pack is None
+                       else pack_experts(pack, i, dtype))
+            for key, value in experts.items():
                 put(pre + "mlp.experts." + key, value)
         if not lazy:
             mx.eval([w for k, w in weights.items() if k.startswith(pre)])
@@ -101,7 +143,40 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
+    model.expert_cache = cache
     return model
+
+
+def pack_experts(pack, layer: int, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """All of a layer's experts read from the pack into stacked arrays (no cache machinery)."""
+    from .experts.cache import LayerPool
+
+    pool = LayerPool(layer, pack.args, pack.args.n_routed_experts, dtype)
+    for e in range(pack.args.n_routed_experts):
+        dest = {f"{p}.weight": pool.views[f"{p}.weight"][e] for p in EXPERT_PROJS}
+        pack.read_into(layer, e, dest)
+        pool.fill(e, dest)
+    return dict(pool.arrays)
+
+
+def attach_expert_cache(model: Model, pack, slots: dict[int, int], dtype: mx.Dtype,
+                        prefetch: bool, read_threads: int):
+    """Replace the streamed layers' experts with cache-backed ones; prefetch chains them."""
+    from .experts.cache import ExpertCache
+    from .model.moe import StreamedExperts
+
+    args = model.args
+    cache = ExpertCache(args, pack.read_into, slots, dtype, threads=read_threads,
+                        prefetch=prefetch)
+    streamed = sorted(slots)
+    for pos, i in enumerate(streamed):
+        nxt = streamed[pos + 1] if pos + 1 < len(streamed) else None
+        predict = None
+        if nxt is not None and nxt == i + 1:
+            router = model.layers[nxt].mlp.gate
+            predict = (lambda r: (lambda x: r(x)[0]))(router)
+        model.layers[i].mlp.experts = StreamedExperts(args, i, cache, nxt, predict)
+    return cache
 
 
 def stack_experts(ckpt: Checkpoint, shards: _Shards, layer: int,

@@ -51,8 +51,11 @@ class Model(nn.Module):
         self.input_major = input_major
         self.model = KimiModel(args, input_major)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, input_major)
+        self.expert_cache = None  # an ExpertCache when routed experts are streamed
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+        if self.expert_cache is not None:
+            self.expert_cache.begin_token(inputs.size)
         return self.lm_head(self.model(inputs, cache))
 
     @property

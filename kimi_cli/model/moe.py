@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlx_kernels import QuantizedWeight, expert_swiglu
 
@@ -93,3 +96,64 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+
+class StreamedExperts(nn.Module):
+    """A layer's routed experts through the expert cache: routes on the host, runs over slots.
+
+    One host sync per layer and forward pass (the router's ids). A chunk that routes to more
+    experts than the pool holds runs in groups of experts, each group loaded then computed.
+    """
+
+    def __init__(self, args: ModelArgs, layer: int, cache, next_layer: int | None = None,
+                 predict=None):
+        super().__init__()
+        self.layer = layer
+        self.group_size = args.group_size
+        self.n_experts = args.n_routed_experts
+        self._cache = cache  # plain attributes: not parameters or child modules
+        self._next_layer = next_layer
+        self._predict = predict  # x -> the next streamed layer's likely experts (prefetch)
+
+    def _weights(self):
+        a = self._cache.pools[self.layer].arrays
+        return [QuantizedWeight(a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"])
+                for p in ("gate_proj", "up_proj", "down_proj")]
+
+    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+        cache = self._cache
+        pred = None
+        if self._predict is not None and cache.prefetch_enabled:
+            pred = self._predict(x)
+        t0 = time.perf_counter()
+        mx.eval(inds) if pred is None else mx.eval(inds, pred)
+        host = np.array(inds)
+        cache.add_sync_time(self.layer, time.perf_counter() - t0)
+        B, L, k = host.shape
+        D = x.shape[-1]
+        flat = host.reshape(-1)
+        experts = np.unique(flat)
+        cache.add_uses(self.layer, flat.size)
+        capacity = cache.pools[self.layer].capacity
+        lut = np.full(self.n_experts, -1, dtype=np.int64)
+        if len(experts) <= capacity:
+            lut[experts] = cache.acquire(self.layer, experts)
+            if pred is not None:
+                cache.prefetch(self._next_layer, np.unique(np.array(pred)))
+            slots = mx.array(lut[host].astype(np.uint32))
+            return expert_swiglu(x, slots, *self._weights(), self.group_size)
+        # More experts than slots (a long prefill chunk at a small budget): group by expert.
+        x2 = x.reshape(B * L, D)
+        y = mx.zeros((B * L * k, D), dtype=x.dtype)
+        for start in range(0, len(experts), capacity):
+            group = experts[start : start + capacity]
+            lut[group] = cache.acquire(self.layer, group)
+            rows = np.nonzero(np.isin(flat, group))[0]
+            xs = x2[mx.array(rows // k)][None]
+            idx = mx.array(lut[flat[rows]].astype(np.uint32))[None, :, None]
+            ys = expert_swiglu(xs, idx, *self._weights(), self.group_size)
+            y[mx.array(rows)] = ys.reshape(len(rows), D)
+            mx.eval(y)  # the next group may overwrite these slots
+        if pred is not None:
+            cache.prefetch(self._next_layer, np.unique(np.array(pred)))
+        return y.reshape(B, L, k, D)

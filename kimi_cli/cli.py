@@ -103,17 +103,17 @@ def resolve_model(spec: str | None) -> str:
     )
 
 
-def load_for_cli(spec: str, quiet: bool, **options):
+def model_dir(spec: str, quiet: bool):
+    """A local directory for --model: `demo` (built once), a directory or a cached Hub id."""
     from .checkpoint.demo import DEMO_NAME, ensure_demo_model
-    from .loader import load
+    from .checkpoint.reader import resolve_model_path
 
     if spec == DEMO_NAME:
         if not quiet:
             _err("kimi: using the built-in demo model: random weights, so the text is gibberish "
                  "(it shows the whole pipeline working without the 594 GB download)")
-        path = ensure_demo_model(progress=None if quiet else _err)
-        return load(path, **options)
-    return load(spec, **options)
+        return ensure_demo_model(progress=None if quiet else _err)
+    return resolve_model_path(spec)
 
 
 @app.command()
@@ -157,8 +157,15 @@ def run(
         settings.validate()
         text = read_prompt(prompt)
         spec = resolve_model(model)
-        mdl, tok = load_for_cli(spec, quiet or fmt != Format.text, expert_cache=expert_cache,
-                                prefetch=not no_prefetch)
+        path = model_dir(spec, quiet or fmt != Format.text or print_prompt)
+        if print_prompt:  # needs only the tokenizer and the chat template, not the weights
+            from .tokenizer import Tokenizer
+
+            mdl, tok = None, Tokenizer.from_dir(path)
+        else:
+            from .loader import load
+
+            mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch)
         if raw:
             prompt_text = text
         else:

@@ -40,6 +40,7 @@ from .pack import (
     Progress,
     block_layout,
     file_sha256,
+    is_pack_dir,
     layer_file_name,
     moe_layers,
     snapshot_revision,
@@ -439,6 +440,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, progress: Progress |
     """Repack the release checkpoint `src` (a directory or cached Hub id) into the pack `dst`."""
     t0 = time.monotonic()
     root = resolve_model_path(src)
+    if is_pack_dir(root):
+        raise KimiError(f"{root}: is already an expert pack; convert the release checkpoint")
     ckpt = open_checkpoint(root)
     dst = Path(dst).expanduser()
     if dst.absolute() == root.absolute():

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -146,6 +147,12 @@ def run(
         "this size (e.g. 40GB, 25%, auto).")] = None,
     no_prefetch: Annotated[bool, typer.Option(
         "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
+    pin_experts: Annotated[Path | None, typer.Option(
+        "--pin-experts", help="Expert cache: keep the experts listed in this profile resident "
+        "(a JSON file written by --save-expert-profile).")] = None,
+    save_expert_profile: Annotated[Path | None, typer.Option(
+        "--save-expert-profile", help="Expert cache: write the most used experts per layer "
+        "to this JSON file after the run.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
@@ -165,7 +172,9 @@ def run(
         else:
             from .loader import load
 
-            mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch)
+            pinned = _read_profile(pin_experts) if pin_experts else None
+            mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
+                            pinned=pinned)
         if raw:
             prompt_text = text
         else:
@@ -181,6 +190,11 @@ def run(
         ids = tok.encode(prompt_text)
         _generate(mdl, tok, ids, settings, fmt, spec, raw=raw,
                   show_reasoning=not (hide_reasoning or quiet), quiet=quiet)
+        if save_expert_profile is not None:
+            if mdl.expert_cache is None:
+                raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
+            save_expert_profile.write_text(json.dumps(
+                {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
 
 
 def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
@@ -289,6 +303,17 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
             _err(f"[expert cache: hit rate {c['hit_rate']:.1%}, {c['gb_read_per_token']:.3f} GB "
                  f"read/token, stall {c['stall_ms_per_token']:.1f} ms/token, "
                  f"{c['resident_bytes'] / 1e9:.2f} GB resident]")
+
+
+def _read_profile(path: Path) -> dict[int, list[int]]:
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): [int(e) for e in v] for k, v in data.items()}
+    except FileNotFoundError:
+        raise UsageError(f"--pin-experts: {path}: no such file") from None
+    except (ValueError, TypeError, AttributeError):
+        raise UsageError(f"--pin-experts: {path}: expected a JSON object "
+                         '{"layer": [expert, ...]}') from None
 
 
 def _call_dict(c) -> dict:

@@ -27,11 +27,14 @@ def default_dtype() -> mx.Dtype:
 
 def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool = False,
          expert_cache: str | int | None = None, prefetch: bool = True,
-         read_threads: int = 4) -> tuple[Model, Tokenizer]:
+         read_threads: int = 4, pinned: dict[int, list[int]] | None = None,
+         ) -> tuple[Model, Tokenizer]:
     """Load a release directory, an expert pack (`kimi convert`) or a Hub repo id in the HF cache.
 
     `expert_cache` (bytes, or a size such as "40GB" or "25%") streams routed experts from the
-    pack through a cache of that size; "auto" sizes it from the machine's memory.
+    pack through a cache of that size; "auto" (the default for a pack) sizes it from the
+    machine's memory, and a pack whose experts fit is loaded fully resident. `pinned` keeps
+    experts a profiling run found hot (`ExpertCache.profile()`) in their slots.
     """
     from .experts.pack import is_pack_dir, open_pack
 
@@ -44,6 +47,8 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
         raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {ckpt.args.vocab_size}")
     slots: dict[int, int] = {}
+    if pack is not None and expert_cache is None:
+        expert_cache = "auto"
     if expert_cache is not None:
         if pack is None:
             raise KimiError(f"{root}: the expert cache streams from an expert pack; "
@@ -51,6 +56,10 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
         slots = plan_cache(ckpt, expert_cache, dtype)
     model = load_model(ckpt, dtype=dtype, lazy=lazy, pack=pack, slots=slots,
                        prefetch=prefetch, read_threads=read_threads)
+    if model.expert_cache is not None and pinned:
+        for layer, experts in pinned.items():
+            if int(layer) in model.expert_cache.pools:
+                model.expert_cache.pin(int(layer), [int(e) for e in experts])
     return model, tokenizer
 
 

@@ -173,3 +173,23 @@ def test_plan_slots_equal_shares():
     per = slot_nbytes(args, mx.float32)
     assert plan_slots(args, 2 * 5 * per, mx.float32) == {1: 5, 2: 5}
     assert plan_slots(args, 2 * 10 * per, mx.float32) == {}
+
+
+def test_profile_then_pin_keeps_hot_experts_resident(tiny_pack, resident):
+    budget = budget_for(tiny_pack, 6)
+    model, _ = kimi_cli.load(tiny_pack, expert_cache=budget, prefetch=False)
+    run(model)
+    profile = model.expert_cache.profile(top=2)
+    assert set(profile) == {1, 2} and all(len(v) == 2 for v in profile.values())
+    model.expert_cache.close()
+
+    pinned_model, _ = kimi_cli.load(tiny_pack, expert_cache=budget, prefetch=False,
+                                    pinned=profile)
+    cache = pinned_model.expert_cache
+    slots_before = {L: [int(cache._slot_of[L][e]) for e in ex] for L, ex in profile.items()}
+    tokens, logits = run(pinned_model)
+    assert tokens == resident[0]
+    assert mx.array_equal(logits, resident[1]).item()
+    for L, experts in profile.items():  # pinned experts never left their slots
+        assert [int(cache._slot_of[L][e]) for e in experts] == slots_before[L]
+    cache.close()

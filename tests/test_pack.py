@@ -160,6 +160,13 @@ def test_pack_json_describes_the_layout(tiny_ckpt, tiny_pack):
     assert is_pack_dir(tiny_pack)
 
 
+def test_reads_that_bypass_the_page_cache_return_the_same_bytes(tiny_pack):
+    with open_pack(tiny_pack) as cached, open_pack(tiny_pack, page_cache=False) as direct:
+        for layer in cached.layers:
+            for e in range(10):
+                assert bytes(direct.read_block(layer, e)) == bytes(cached.read_block(layer, e))
+
+
 def test_pack_exposes_the_model_args(tiny_ckpt, tiny_pack):
     with open_pack(tiny_pack) as pack:
         assert pack.args == open_checkpoint(tiny_ckpt).args
@@ -211,6 +218,11 @@ def test_a_non_empty_directory_that_is_not_a_pack_is_never_touched(tiny_ckpt, tm
         with pytest.raises(KimiError, match="not empty and is not an expert pack"):
             convert(tiny_ckpt, dst, force=force)
     assert sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
+
+
+def test_a_pack_is_not_accepted_as_a_source(tiny_pack, tmp_path):
+    with pytest.raises(KimiError, match="already an expert pack"):
+        convert(tiny_pack, tmp_path / "again")
 
 
 def test_short_disk_space_is_refused_before_writing_anything(tiny_ckpt, tmp_path, monkeypatch):

@@ -177,9 +177,11 @@ class ExpertCache:
                                                    for L, c in slots.items()}
         self._last: dict[int, np.ndarray] = {L: np.zeros(c) for L, c in slots.items()}
         self._freq: dict[int, np.ndarray] = {L: np.zeros(c) for L, c in slots.items()}
-        self._pinned: dict[int, set[int]] = {L: set() for L in slots}
+        self._pinned: dict[int, set[int]] = {L: set() for L in slots}  # slots
+        self.pinned_experts: dict[int, set[int]] = {L: set() for L in slots}
         self._pending: dict[tuple[int, int], tuple[int, Future]] = {}  # (L, e) -> (slot, fut)
         self._prefetched: dict[int, set[int]] = {L: set() for L in slots}
+        self._counts: dict[int, np.ndarray] = {L: np.zeros(E, np.int64) for L in slots}
         self._tick = 0.0
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kimi-expert")
@@ -206,6 +208,11 @@ class ExpertCache:
                                                       self.args.num_experts_per_tok)]
         self.acquire(layer, np.array(experts, dtype=np.int64))
         self._pinned[layer] = {int(self._slot_of[layer][e]) for e in experts}
+        self.pinned_experts[layer] = set(int(e) for e in experts)
+
+    def free_capacity(self, layer: int) -> int:
+        """Slots a request may fill with experts that are not pinned."""
+        return self.pools[layer].capacity - len(self._pinned[layer])
 
     def acquire(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """Make `experts` (unique ids) resident in `layer`'s pool; return their slots."""
@@ -277,8 +284,19 @@ class ExpertCache:
     def add_sync_time(self, layer: int, seconds: float) -> None:
         self.stats.layers[layer].sync_seconds += seconds
 
-    def add_uses(self, layer: int, n: int) -> None:
-        self.stats.layers[layer].uses += n
+    def add_uses(self, layer: int, experts: np.ndarray) -> None:
+        """Count routed (token, expert) pairs: the profile that pinning uses."""
+        self.stats.layers[layer].uses += experts.size
+        np.add.at(self._counts[layer], experts.reshape(-1), 1)
+
+    def profile(self, top: int | None = None) -> dict[int, list[int]]:
+        """The most used experts per streamed layer, most used first (for `pinned=`)."""
+        out = {}
+        for L, c in self._counts.items():
+            order = np.argsort(-c, kind="stable")
+            order = order[c[order] > 0]
+            out[L] = order[: top or self.pools[L].capacity // 2].tolist()
+        return out
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ their scales), so a cache miss is one read; `pack.json`, written last, marks the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ METADATA_FILES = ("config.json", "generation_config.json", "tiktoken.model",
                   "tokenizer_config.json", "chat_template.jinja")
 REGION_NAMES = tuple(f"{p}.weight" for p in EXPERT_PROJS) + tuple(
     f"{p}.scales" for p in EXPERT_PROJS)
+_FADVISE = hasattr(os, "posix_fadvise")
 _NP_DTYPES = {"uint32": np.uint32, "bfloat16": np.uint16}  # bf16 handled as raw 16-bit words
 
 Progress = Callable[[int, int, float], None]
@@ -119,8 +121,12 @@ class Pack:
     """An opened, size-checked pack. Reads are thread-safe (`pread` on one fd per layer file)."""
 
     def __init__(self, path: Path, meta: dict, config: dict, args: ModelArgs,
-                 layout: BlockLayout, layers: dict[int, LayerEntry], resident_file: Path):
+                 layout: BlockLayout, layers: dict[int, LayerEntry], resident_file: Path,
+                 page_cache: bool = True):
         self.path = path
+        # False: reads bypass the OS page cache, which would otherwise hold a second copy of
+        # every expert the cache already keeps (F_NOCACHE on macOS, DONTNEED after reads on Linux).
+        self.page_cache = page_cache
         self.meta = meta
         self.config = config
         self.args = args
@@ -181,6 +187,7 @@ class Pack:
         fd, entry = self._fd(layer), self._entry(layer)
         self._check_expert(entry, layer, expert)
         _preadv_full(fd, [buf], expert * self.layout.stride, entry.file)
+        self._after_read(fd, expert)
         if verify:
             self._check_crc(entry, layer, expert, zlib.crc32(buf))
         return buf
@@ -205,6 +212,7 @@ class Pack:
             views.append(memoryview(arr).cast("B"))
             pos = r.offset + r.nbytes
         _preadv_full(fd, views, expert * self.layout.stride, entry.file)
+        self._after_read(fd, expert)
         if verify:
             crc = 0
             for v in views:
@@ -266,6 +274,11 @@ class Pack:
                 f"(crc32 {crc:08x}, expected {want:08x}); the pack is corrupt: "
                 "reconvert it with `kimi convert --force`")
 
+    def _after_read(self, fd: int, expert: int) -> None:
+        if not self.page_cache and _FADVISE:
+            os.posix_fadvise(fd, expert * self.layout.stride, self.layout.stride,
+                             os.POSIX_FADV_DONTNEED)
+
     def _fd(self, layer: int) -> int:
         fd = self._fds.get(layer)
         if fd is not None:
@@ -278,6 +291,8 @@ class Pack:
                     fd = os.open(entry.file, os.O_RDONLY)
                 except OSError as e:
                     raise CheckpointError(f"{entry.file}: cannot open ({e.strerror})") from None
+                if not self.page_cache and hasattr(fcntl, "F_NOCACHE"):
+                    fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
                 self._fds[layer] = fd
         return fd
 
@@ -304,8 +319,9 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int, path: Path) -> N
             views = [views[0][n:], *views[1:]]
 
 
-def open_pack(path: str | os.PathLike) -> Pack:
-    """Open a complete pack directory, checking pack.json, config.json and every file's size."""
+def open_pack(path: str | os.PathLike, *, page_cache: bool = True) -> Pack:
+    """Open a complete pack directory, checking pack.json, config.json and every file's size.
+    `page_cache=False` keeps expert reads out of the OS page cache (for the expert cache)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory")
@@ -362,7 +378,7 @@ def open_pack(path: str | os.PathLike) -> Pack:
                                   f"{args.n_routed_experts}")
         _check_size(entry.file, entry.n_experts * layout.stride)
     _check_size(resident, resident_nbytes)
-    return Pack(path, meta, config, args, layout, layers, resident)
+    return Pack(path, meta, config, args, layout, layers, resident, page_cache)
 
 
 def _check_size(path: Path, expected: int) -> None:

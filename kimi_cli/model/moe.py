@@ -133,10 +133,12 @@ class StreamedExperts(nn.Module):
         D = x.shape[-1]
         flat = host.reshape(-1)
         experts = np.unique(flat)
-        cache.add_uses(self.layer, flat.size)
-        capacity = cache.pools[self.layer].capacity
+        cache.add_uses(self.layer, flat)
+        pinned = cache.pinned_experts[self.layer]
+        unpinned = np.array([e for e in experts if int(e) not in pinned], dtype=np.int64)
+        capacity = cache.free_capacity(self.layer)
         lut = np.full(self.n_experts, -1, dtype=np.int64)
-        if len(experts) <= capacity:
+        if len(unpinned) <= capacity:
             lut[experts] = cache.acquire(self.layer, experts)
             if pred is not None:
                 cache.prefetch(self._next_layer, np.unique(np.array(pred)))
@@ -145,8 +147,11 @@ class StreamedExperts(nn.Module):
         # More experts than slots (a long prefill chunk at a small budget): group by expert.
         x2 = x.reshape(B * L, D)
         y = mx.zeros((B * L * k, D), dtype=x.dtype)
-        for start in range(0, len(experts), capacity):
-            group = experts[start : start + capacity]
+        hot = np.array(sorted(set(int(e) for e in experts) & pinned), dtype=np.int64)
+        for start in range(0, len(unpinned), capacity):
+            group = unpinned[start : start + capacity]
+            if start == 0:  # pinned experts need no slot of their own: run them with the first
+                group = np.concatenate([hot, group])
             lut[group] = cache.acquire(self.layer, group)
             rows = np.nonzero(np.isin(flat, group))[0]
             xs = x2[mx.array(rows // k)][None]

@@ -122,7 +122,8 @@ def run(
     prompt: Annotated[str | None, typer.Argument(
         help="The prompt; `-` reads it from stdin. Piped stdin with a PROMPT is context.")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="Checkpoint directory, Hub repo id in the HF cache, or `demo`.",
+        "--model", "-m", help="Checkpoint directory or expert pack, Hub repo id in the HF "
+        "cache, `demo` (random weights) or `scripted:FILE[@RATE]` (replays FILE's outputs).",
         envvar="KIMI_MODEL")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option(
@@ -164,11 +165,21 @@ def run(
         settings.validate()
         text = read_prompt(prompt)
         spec = resolve_model(model)
-        path = model_dir(spec, quiet or fmt != Format.text or print_prompt)
-        if print_prompt:  # needs only the tokenizer and the chat template, not the weights
+        from .model.scripted import PREFIX, load_scripted
+
+        scripted = spec.startswith(PREFIX)
+        if scripted:
+            from .checkpoint.demo import ensure_tokenizer_dir
+
+            path = ensure_tokenizer_dir()
+        else:
+            path = model_dir(spec, quiet or fmt != Format.text or print_prompt)
+        if print_prompt or scripted:  # only the tokenizer and the chat template
             from .tokenizer import Tokenizer
 
             mdl, tok = None, Tokenizer.from_dir(path)
+            if scripted:
+                mdl = load_scripted(spec, tok)
         else:
             from .loader import load
 

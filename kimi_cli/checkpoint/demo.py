@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import config
-from .synthetic import write_checkpoint
+from .synthetic import write_checkpoint, write_tokenizer_files
 
 DEMO_NAME = "demo"
 DEMO_PRESET = "small"
@@ -30,3 +30,18 @@ def ensure_demo_model(progress: Callable[[str], None] | None = None) -> Path:
         progress(f"kimi: building the demo checkpoint once in {path} ...")
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_checkpoint(path, DEMO_PRESET, DEMO_SEED)
+
+
+def ensure_tokenizer_dir() -> Path:
+    """Tokenizer files alone (our tiktoken BPE and the chat template), for scripted models."""
+    from importlib import resources
+
+    path = config.cache_dir() / "tokenizer" / f"v{DEMO_VERSION}"
+    if (path / "tokenizer_config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    write_tokenizer_files(tmp, n_ranks=1501)
+    template = resources.files("kimi_cli.chat").joinpath("chat_template.jinja")
+    (tmp / "chat_template.jinja").write_text(template.read_text())
+    tmp.rename(path)
+    return path

@@ -1,0 +1,112 @@
+"""A scripted test double at the model boundary: replays fixed outputs through the real pipeline.
+
+`--model scripted:FILE` — FILE is a JSON list of outputs, one per generation (model call), each the
+raw text the model would emit with its special tokens (`<think>`, tool-call markers,
+`<|im_end|>`). The text is tokenized with the real tokenizer and forced token by token through
+logits, so the engine, the parser and the UI run exactly as with the network.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import KimiError
+
+PREFIX = "scripted:"
+FORCED_LOGIT = 1e4  # so far above the rest that any sampler (temperature, top-p...) picks it
+
+
+class ScriptedCache:
+    """Tracks positions only (mlx-lm cache protocol: offset, trim), so prefix reuse works."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def state(self):
+        return []
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+class ScriptedModel:
+    """Follows the model protocol; each generation emits the next scripted output."""
+
+    def __init__(self, outputs: list[str], tokenizer, tokens_per_second: float = 0.0,
+                 source: str = "scripted"):
+        self.outputs = outputs
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.delay = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
+        self.source = source
+        self.calls = 0  # generations started
+        self.expert_cache = None
+        self.layers: list = []
+        self._queue: list[int] = []
+
+    def make_cache(self) -> list[ScriptedCache]:
+        return [ScriptedCache()]
+
+    def begin_generation(self) -> None:
+        """Called by the engine before each prefill: the next output becomes current."""
+        if self.calls >= len(self.outputs):
+            raise KimiError(f"{self.source}: the script has {len(self.outputs)} outputs and "
+                            f"generation {self.calls + 1} asked for another")
+        text = self.outputs[self.calls]
+        self.calls += 1
+        ids = self.tokenizer.encode(text)
+        if not ids or ids[-1] not in self.tokenizer.stop_ids:
+            ids.append(self.tokenizer.im_end_id)  # a script ends its turn unless it says so
+        self._queue = ids
+
+    def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        B, L = ids.shape
+        if cache:
+            cache[0].offset += L
+        logits = mx.zeros((B, L, self.vocab_size))
+        nxt = self._queue.pop(0) if self._queue else self.tokenizer.im_end_id
+        if self.delay and L == 1:
+            time.sleep(self.delay)
+        row = mx.zeros((self.vocab_size,)).at[nxt].add(FORCED_LOGIT)
+        return mx.concatenate([logits[:, :-1], mx.broadcast_to(row, (B, 1, self.vocab_size))],
+                              axis=1)
+
+
+def load_scripted(spec: str, tokenizer, tokens_per_second: float = 0.0) -> ScriptedModel:
+    """`scripted:FILE[@RATE]`: RATE tokens/s (0 or absent: as fast as possible)."""
+    body = spec[len(PREFIX):]
+    rate = tokens_per_second
+    if "@" in body:
+        body, r = body.rsplit("@", 1)
+        try:
+            rate = float(r)
+        except ValueError:
+            raise KimiError(f"{spec}: bad rate {r!r} (use scripted:FILE@TOKENS_PER_SECOND)"
+                            ) from None
+    path = Path(body).expanduser()
+    try:
+        outputs = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KimiError(f"{path}: no such script file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KimiError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise KimiError(f"{path}: expected a JSON list of strings (one output per model call)")
+    return ScriptedModel(outputs, tokenizer, rate, source=str(path))

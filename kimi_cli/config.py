@@ -23,6 +23,16 @@ PREFILL_CHUNK = 512
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 
+# Agent runs (kimi run --agent). The model is trained for 200-300 sequential tool calls.
+AGENT_MAX_STEPS = 300
+AGENT_TOOL_OUTPUT_CAP = 20_000  # characters of one tool result the model sees
+AGENT_SHELL_TIMEOUT = 120  # seconds, when the model gives none
+AGENT_SHELL_MAX_TIMEOUT = 1800
+AGENT_REPEAT_WARN = 3  # identical tool calls in a row: the model is told ...
+AGENT_REPEAT_STOP = 5  # ... and then the run stops
+EXIT_AGENT_STEP_LIMIT = 3  # the agent used --max-steps without answering
+EXIT_AGENT_REPEATING = 4  # the agent kept repeating the same tool call
+
 
 def _xdg(var: str, fallback: str) -> Path:
     override = os.environ.get("KIMI_MLX_HOME")

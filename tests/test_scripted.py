@@ -78,3 +78,10 @@ def test_bad_script_files(tmp_path, tokenizer, content, message):
         load_scripted(f"scripted:{path}", tokenizer)
     with pytest.raises(KimiError, match="no such script file"):
         load_scripted(f"scripted:{tmp_path / 'missing.json'}", tokenizer)
+
+
+def test_a_prompt_longer_than_one_prefill_chunk_keeps_the_whole_output(tmp_path, tokenizer):
+    engine = Engine(load_scripted(script(tmp_path, ["<think>plan</think>answer"]), tokenizer),
+                    tokenizer, prefill_chunk=16)
+    done = generate(engine, tokenizer, prompt="hello world " * 20)
+    assert tokenizer.decode(done.token_ids) == "<think>plan</think>answer<|im_end|>"

@@ -60,12 +60,17 @@ class ScriptedModel:
         self.expert_cache = None
         self.layers: list = []
         self._queue: list[int] = []
+        self._prompt_tokens: int | None = None
 
     def make_cache(self) -> list[ScriptedCache]:
         return [ScriptedCache()]
 
-    def begin_generation(self) -> None:
-        """Called by the engine before each prefill: the next output becomes current."""
+    def begin_generation(self, prompt_tokens: int | None = None) -> None:
+        """Called by the engine before each prefill: the next output becomes current.
+
+        `prompt_tokens` (the prompt's length) lets prefill chunks before the last one leave the
+        script alone: only the last chunk's logits are sampled.
+        """
         if self.calls >= len(self.outputs):
             raise KimiError(f"{self.source}: the script has {len(self.outputs)} outputs and "
                             f"generation {self.calls + 1} asked for another")
@@ -75,12 +80,15 @@ class ScriptedModel:
         if not ids or ids[-1] not in self.tokenizer.stop_ids:
             ids.append(self.tokenizer.im_end_id)  # a script ends its turn unless it says so
         self._queue = ids
+        self._prompt_tokens = prompt_tokens
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         B, L = ids.shape
         if cache:
             cache[0].offset += L
         logits = mx.zeros((B, L, self.vocab_size))
+        if cache and self._prompt_tokens is not None and cache[0].offset < self._prompt_tokens:
+            return logits  # an earlier prefill chunk: nobody samples its logits
         nxt = self._queue.pop(0) if self._queue else self.tokenizer.im_end_id
         if self.delay and L == 1:
             time.sleep(self.delay)

@@ -1,0 +1,102 @@
+"""Terminal decisions in one place: colour (--color, NO_COLOR, FORCE_COLOR, TERM=dumb), live
+regions, Rich consoles per stream, and keeping typed keys from echoing over a live region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from enum import Enum
+from typing import IO
+
+from rich.console import Console
+
+
+class ColorMode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+def is_tty(stream: IO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def dumb_terminal() -> bool:
+    return os.environ.get("TERM", "") in ("dumb", "unknown")
+
+
+def use_color(stream: IO, mode: ColorMode | str = ColorMode.auto) -> bool:
+    """--color wins; then NO_COLOR, FORCE_COLOR, TERM=dumb; then whether `stream` is a terminal."""
+    mode = ColorMode(mode)
+    if mode is not ColorMode.auto:
+        return mode is ColorMode.always
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    return is_tty(stream) and not dumb_terminal()
+
+
+def can_go_live(stream: IO) -> bool:
+    """Cursor movement (live panels, spinners, progress lines) needs a real, non-dumb terminal."""
+    return is_tty(stream) and not dumb_terminal()
+
+
+def make_console(stream: IO, mode: ColorMode | str = ColorMode.auto) -> Console:
+    """A Rich console for `stream` whose colour follows `use_color` and whose live features
+    follow `can_go_live`; it never picks a colour system itself beyond detecting the terminal."""
+    color = use_color(stream, mode)
+    live = can_go_live(stream)
+    return Console(
+        file=stream,
+        force_terminal=live or color,
+        no_color=not color,
+        # FORCE_COLOR / --color always beat TERM=dumb, which Rich alone would not colour.
+        color_system=("standard" if dumb_terminal() else "auto") if color else None,
+        highlight=False,
+        emoji=False,
+        soft_wrap=False,
+        # A forced (non-terminal) console must not pretend to know the terminal's size.
+        width=None if live else _env_int("COLUMNS", 80),
+        _environ={k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")},
+    )
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(20, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+@contextlib.contextmanager
+def no_echo(stream: IO | None = None) -> Iterator[None]:
+    """Keys typed while the model writes stay queued for the next prompt instead of being echoed
+    into the live region (Ctrl-C still interrupts: ISIG is kept)."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, ValueError, OSError):
+        yield
+        return
+    new = list(old)
+    new[3] &= ~(termios.ECHO | termios.ICANON)
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, old)

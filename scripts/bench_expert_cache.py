@@ -84,13 +84,20 @@ def decode(pack: Path, budget: int | None, tokens: int, prompt: list[int]) -> di
         hits = after["hits"] - before["hits"]
         misses = after["misses"] - before["misses"]
         read = after["bytes_read"] - before["bytes_read"]
+        busy = after["read_busy_seconds"] - before["read_busy_seconds"]
+        stall = (after["stall_seconds"] - before["stall_seconds"]) / n
+        sync = (after["sync_ms_per_token"] * after["tokens"]
+                - before["sync_ms_per_token"] * before["tokens"]) / 1e3 / n
         res.update({
             "hit_rate": hits / max(1, hits + misses),
             "misses_per_token": misses / n,
             "gb_read_per_token": read / n / 1e9,
-            "read_gbps": after["read_gbps"],
-            "stall_ms_per_token": 1e3 * (after["stall_seconds"] - before["stall_seconds"]) / n,
-            "sync_ms_per_token": after["sync_ms_per_token"],
+            "read_gbps": read / busy / 1e9 if busy else 0.0,
+            "stall_ms_per_token": 1e3 * stall,
+            # Waiting for the router's ids: the compute queued before each streamed layer,
+            # plus the host synchronization itself.
+            "router_wait_ms_per_token": 1e3 * sync,
+            "other_ms_per_token": 1e3 * (dt / n - stall - sync),
             "prefetch_precision": after["prefetch_precision"],
             "resident_gb": after["resident_bytes"] / 1e9,
         })

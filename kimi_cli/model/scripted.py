@@ -15,24 +15,17 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import KimiError
+from .cache import LatentCache
 
 PREFIX = "scripted:"
 FORCED_LOGIT = 1e4  # so far above the rest that any sampler (temperature, top-p...) picks it
 
 
-class ScriptedCache:
-    """Tracks positions only (mlx-lm cache protocol: offset, trim), so prefix reuse works."""
+class ScriptedCache(LatentCache):
+    """Tracks positions only (offset, trim, as the latent cache does) so prefix reuse works."""
 
-    def __init__(self) -> None:
-        self.offset = 0
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
+    def update_and_fetch(self, latent: mx.array) -> mx.array:  # pragma: no cover - unused
+        raise NotImplementedError("the scripted model has no attention")
 
     def empty(self) -> bool:
         return self.offset == 0

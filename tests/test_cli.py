@@ -232,7 +232,7 @@ def test_ctrl_c_stops_with_exit_130(small_ckpt, env):
         assert os.read(proc.stdout.fileno(), 1)
         time.sleep(0.2)  # well inside the decode loop
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -233,3 +233,21 @@ def test_loaded_experts_dequantize_to_file_words_times_scale(tiny_ckpt: Path, ti
         got = mx.dequantize(stack["weight"][expert], stack["scales"][expert],
                             stack["biases"][expert], group_size=gs, bits=4)
         np.testing.assert_array_equal(np.array(got.astype(mx.float32)), expected)
+
+
+def test_attention_in_query_blocks_matches_one_block(tiny_ckpt, monkeypatch):
+    """Long prefill chunks attend in blocks of query rows to bound score memory: same result."""
+    from kimi_cli.model import attention
+
+    model, _ = kimi_cli.load(tiny_ckpt)
+    ids = mx.array([[(7 * i) % 900 + 3 for i in range(48)]])
+    cache = model.make_cache()
+    model(ids[:, :20], cache=cache)
+    whole = model(ids[:, 20:], cache=cache)
+    # Budget for 2 query rows of scores: 28 rows of the second chunk run in 14 blocks.
+    heads = model.args.num_attention_heads
+    monkeypatch.setattr(attention, "SCORE_BUDGET_BYTES", 2 * heads * 48 * 4)
+    cache = model.make_cache()
+    model(ids[:, :20], cache=cache)
+    blocked = model(ids[:, 20:], cache=cache)
+    assert mx.allclose(whole, blocked, atol=1e-5, rtol=1e-5).item()

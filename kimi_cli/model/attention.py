@@ -28,6 +28,33 @@ def yarn_softmax_scale(args: ModelArgs) -> float:
     return scale
 
 
+# Bytes of attention scores one forward may hold at once ([heads, query rows, keys] in f32). The
+# absorbed form's key and value widths differ, so MLX materializes the scores: long prefill
+# chunks deep into a context run in blocks of query rows instead of one [H, chunk, T] matrix.
+SCORE_BUDGET_BYTES = 256 << 20
+
+
+def attend(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+    """Causal attention of L new queries over T cached keys (the last L of which are theirs)."""
+    B, H, L, _ = queries.shape
+    T = keys.shape[2]
+    if L == 1:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
+    rows = max(1, SCORE_BUDGET_BYTES // (B * H * T * 4))
+    if rows >= L:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                    mask="causal")
+    outs = []
+    for start in range(0, L, rows):
+        stop = min(L, start + rows)
+        end = T - L + stop  # keys visible to the block's last query
+        outs.append(mx.fast.scaled_dot_product_attention(
+            queries[:, :, start:stop], keys[:, :, :end], values[:, :, :end], scale=scale,
+            mask="causal"))
+        mx.eval(outs[-1])  # free this block's scores before the next one
+    return mx.concatenate(outs, axis=2)
+
+
 class MLAttention(nn.Module):
     def __init__(self, args: ModelArgs, input_major: bool = False):
         super().__init__()
@@ -75,9 +102,6 @@ class MLAttention(nn.Module):
         # Absorb W_UK into the query: scores over [c_kv | k_pe] with one shared "kv head".
         queries = mx.concatenate([q_nope @ self.w_uk, q_pe], axis=-1)
         values = latent[..., : self.rank]
-        mask = "causal" if L > 1 else None
-        out = mx.fast.scaled_dot_product_attention(
-            queries, latent, values, scale=self.scale, mask=mask
-        )
+        out = attend(queries, latent, values, self.scale)
         out = out @ self.w_uv_t
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

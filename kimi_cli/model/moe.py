@@ -27,6 +27,7 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@mx.compile
 def route(logits: mx.array, bias: mx.array, top_k: int, scaling: float, normalize: bool):
     """noaux_tc: choose by sigmoid score + correction bias, weight by the unbiased score."""
     scores = mx.sigmoid(logits.astype(mx.float32))

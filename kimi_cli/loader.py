@@ -175,6 +175,9 @@ def attach_expert_cache(model: Model, pack, slots: dict[int, int], dtype: mx.Dty
     from .model.moe import StreamedExperts
 
     args = model.args
+    # The cache keeps what it reads: a page-cache copy of every streamed expert would eat the
+    # memory the budget was planned for (F_NOCACHE on macOS, DONTNEED after reads on Linux).
+    pack.page_cache = False
     cache = ExpertCache(args, pack.read_into, slots, dtype, threads=read_threads,
                         prefetch=prefetch)
     streamed = sorted(slots)

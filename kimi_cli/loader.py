@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import config
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
 from .errors import CheckpointError, KimiError
@@ -71,7 +72,7 @@ def plan_cache(ckpt: Checkpoint, spec: str | int, dtype: mx.Dtype) -> dict[int, 
     if isinstance(spec, int):
         budget = spec
     elif spec == "auto":
-        kv = 32768 * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
+        kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
         budget = default_budget(args, resident, kv * dtype.size)
     else:
         from .experts.cache import _machine_memory

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -19,111 +17,23 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 import kimi_cli
 from kimi_cli import config
-
-# Path components that name a layer's stacked routed experts (ours / mlx-lm's SwitchGLU).
-ROUTED_EXPERT_PARTS = {"experts", "switch_mlp"}
-BANDWIDTH_MB = 512
+from kimi_cli.bench import (
+    _arrays,
+    cache_bytes_per_token,
+    machine_info,
+    measure_bandwidth,
+    weight_bytes_per_token,
+)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    import mlx_lm
-
-    return {
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "device": str(mx.default_device()),
-        "metal": mx.metal.is_available(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def measure_bandwidth(mb: int = BANDWIDTH_MB, tries: int = 5) -> dict:
-    """Copy bandwidth (bytes read + written per second), best of `tries`, numpy and MLX."""
-    n = mb * (1 << 20) // 4
-    src = np.ones(n, dtype=np.float32)
-    dst = np.zeros(n, dtype=np.float32)  # touched: no page faults inside the timing
-    best_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(tries))
-    a = mx.ones((n,), dtype=mx.float32)
-    mx.eval(a)
-    best_mx = min(_timed(lambda: mx.eval(a + 0)) for _ in range(tries))
-    moved = 2 * n * 4
-    res = {"numpy_copy_gbps": moved / best_np / 1e9, "mlx_copy_gbps": moved / best_mx / 1e9,
-           "buffer_mb": mb, "tries": tries}
-    res["used"] = "numpy" if res["numpy_copy_gbps"] >= res["mlx_copy_gbps"] else "mlx"
-    res["gbps"] = max(res["numpy_copy_gbps"], res["mlx_copy_gbps"])
-    mx.clear_cache()  # the buffers are freed on return; drop MLX's cached copy of them
-    return res
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-# ---------------------------------------------------------------------------------------------
-# Bytes touched per decode token
-
-
-def weight_bytes_per_token(model, top_k: int, n_experts: int) -> dict[str, int]:
-    """Bytes of parameters one decode token reads, by walking `model.parameters()`.
-
-    Dense weights (attention, dense MLP, shared experts, router, norms, lm_head) are read whole;
-    a layer's stacked routed experts [E, ...] only for the top_k chosen; the embedding is a
-    gather of one row.
-    """
-    out = {"dense": 0, "routed_experts": 0, "embedding_row": 0}
-    for name, arr in tree_flatten(model.parameters()):
-        parts = name.split(".")
-        if "embed_tokens" in parts:
-            out["embedding_row"] += arr.nbytes // arr.shape[0]
-        elif ROUTED_EXPERT_PARTS & set(parts):
-            if arr.shape[0] != n_experts:
-                raise ValueError(f"{name}: leading dim {arr.shape[0]} is not {n_experts} experts")
-            out["routed_experts"] += arr.nbytes // n_experts * top_k
-        else:
-            out["dense"] += arr.nbytes
-    out["total"] = sum(out.values())
-    return out
-
-
-def cache_bytes_per_token(cache: list) -> float:
-    """KV bytes per cached token (all layers), from the cache's own state arrays [..., T, D].
-
-    Per token of each array's length, since mlx-lm's KVCache.state is its whole preallocated
-    buffer (grown in steps), not the filled part.
-    """
-    total = 0.0
-    for c in cache:
-        total += sum(a.nbytes / a.shape[-2] for a in _arrays(c.state) if a.ndim >= 3)
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +88,6 @@ def run_once(c: Contender, prompt: list[int], n: int, chunk: int) -> tuple[float
     tg = n / (time.perf_counter() - t)
     return pp, tg, cache
 
-
-def _arrays(state) -> list:
-    items = state if isinstance(state, list | tuple) else [state]
-    return [a for a in items if isinstance(a, mx.array)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +195,7 @@ def bench(path: Path, args: argparse.Namespace) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # keep stdout and stderr progress in order
     info = machine_info()
     print(f"MLX {info['mlx']} (mlx-lm {info['mlx_lm']}), device {info['device']}, "
-          f"Metal {'yes' if info['metal'] else 'no'}; CPU {info['cpu']}, {info['cores']} cores; "
+          f"Metal {'yes' if info['metal'] else 'no'}; CPU {info['chip']}, {info['cores']} cores; "
           f"{info['platform']}")
     log("measuring memory bandwidth ...")
     bw = measure_bandwidth()

@@ -39,9 +39,20 @@ def ensure_tokenizer_dir() -> Path:
     path = config.cache_dir() / "tokenizer" / f"v{DEMO_VERSION}"
     if (path / "tokenizer_config.json").exists():
         return path
-    tmp = path.with_name(path.name + ".partial")
+    import shutil
+    import tempfile
+
+    # Several processes may build it at once (tests, a shell loop): each writes its own
+    # directory and the first rename wins.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".partial-", dir=path.parent))
     write_tokenizer_files(tmp, n_ranks=1501)
     template = resources.files("kimi_cli.chat").joinpath("chat_template.jinja")
     (tmp / "chat_template.jinja").write_text(template.read_text())
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "tokenizer_config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -54,6 +54,7 @@ class ScriptedModel:
         self.layers: list = []
         self._queue: list[int] = []
         self._prompt_tokens: int | None = None
+        self._rows: dict[int, mx.array] = {}  # forced logits, by token id
 
     def make_cache(self) -> list[ScriptedCache]:
         return [ScriptedCache()]
@@ -85,7 +86,11 @@ class ScriptedModel:
         nxt = self._queue.pop(0) if self._queue else self.tokenizer.im_end_id
         if self.delay and L == 1:
             time.sleep(self.delay)
-        row = mx.zeros((self.vocab_size,)).at[nxt].add(FORCED_LOGIT)
+        row = self._rows.get(nxt)
+        if row is None:
+            row = self._rows[nxt] = mx.zeros((self.vocab_size,)).at[nxt].add(FORCED_LOGIT)
+        if B == 1 and L == 1:
+            return row[None, None]
         return mx.concatenate([logits[:, :-1], mx.broadcast_to(row, (B, 1, self.vocab_size))],
                               axis=1)
 

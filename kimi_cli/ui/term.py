@@ -61,7 +61,7 @@ def make_console(stream: IO, mode: ColorMode | str = ColorMode.auto) -> Console:
         color_system=("standard" if dumb_terminal() else "auto") if color else None,
         highlight=False,
         emoji=False,
-        soft_wrap=False,
+        soft_wrap=not live,  # no word wrap in pipes and files
         # A forced (non-terminal) console must not pretend to know the terminal's size.
         width=None if live else _env_int("COLUMNS", 80),
         _environ={k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")},
@@ -90,6 +90,7 @@ def no_echo(stream: IO | None = None) -> Iterator[None]:
         return
     new = list(old)
     new[3] &= ~(termios.ECHO | termios.ICANON)
+    new[0] &= ~termios.ICRNL  # Enter typed ahead must stay Enter (\r), not Ctrl-J (\n)
     try:
         termios.tcsetattr(fd, termios.TCSANOW, new)
     except termios.error:

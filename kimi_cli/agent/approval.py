@@ -1,0 +1,154 @@
+"""When a tool call needs the user's yes: the approval modes, session approvals by command
+prefix, and the `Approver` interface front ends implement (a plain one on stdin/stderr here).
+
+Only the user's replies change approval state; tool output never does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import IO
+
+from .shellparse import Unparsable, segment_prefix, split_command
+
+
+class Mode(str, Enum):
+    ask = "ask"  # file edits and commands ask
+    auto_edit = "auto-edit"  # file edits in the workspace run; commands ask
+    yolo = "yolo"  # everything runs (the hard-deny list and the sandbox still apply)
+
+
+class Choice(str, Enum):
+    once = "once"  # yes, this call
+    session = "session"  # yes, and the same prefix (or any file edit) for the rest of the session
+    deny = "deny"
+    deny_with_message = "deny_with_message"  # no, and tell the model why
+
+
+@dataclass
+class Request:
+    call_id: str
+    tool: str
+    kind: str  # "edit" | "exec"
+    title: str  # one line: the full command, or "write_file path"
+    preview: str  # the full command with its sandbox, or a diff
+    prefixes: list[tuple[str, ...]] | None = None  # exec: what "for this session" approves
+
+
+@dataclass
+class Reply:
+    choice: Choice
+    message: str = ""
+
+
+Approver = Callable[[Request], Reply]
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    by: str  # "mode" | "user" | "session" | "no-terminal"
+    reason: str = ""
+    message: str = ""
+
+
+NO_TERMINAL = ("approval needed but there is no terminal to ask: rerun with --approval "
+               "auto-edit (file edits) or --approval yolo (file edits and commands)")
+
+
+def command_prefixes(command: str) -> list[tuple[str, ...]] | None:
+    """The prefixes a session approval of `command` remembers; None if it cannot be parsed."""
+    try:
+        segments = split_command(command)
+    except Unparsable:
+        return None
+    if not segments or any(not s.words for s in segments):
+        return None
+    return list(dict.fromkeys(segment_prefix(s.words) for s in segments))
+
+
+@dataclass
+class Policy:
+    mode: Mode = Mode.ask
+    approver: Approver | None = None  # None: no terminal, nobody to ask
+    prefixes: set[tuple[str, ...]] = field(default_factory=set)
+    edits_approved: bool = False  # "for this session" on a file edit
+
+    def decide(self, request: Request, command: str | None = None) -> Decision:
+        if request.kind == "read" or self.mode is Mode.yolo:
+            return Decision(True, "mode")
+        if request.kind == "edit" and (self.mode is Mode.auto_edit or self.edits_approved):
+            return Decision(True, "mode" if self.mode is Mode.auto_edit else "session")
+        if request.kind == "exec" and command is not None and self._session_allows(command):
+            return Decision(True, "session")
+        if self.approver is None:
+            return Decision(False, "no-terminal", NO_TERMINAL)
+        reply = self.approver(request)
+        if reply.choice is Choice.session:
+            if request.kind == "edit":
+                self.edits_approved = True
+            elif request.prefixes:
+                self.prefixes.update(request.prefixes)
+            return Decision(True, "user", "approved for this session")
+        if reply.choice is Choice.once:
+            return Decision(True, "user")
+        return Decision(False, "user", "denied by the user", reply.message.strip())
+
+    def _session_allows(self, command: str) -> bool:
+        """Every segment must start with an approved prefix and write no file by redirection."""
+        if not self.prefixes:
+            return False
+        try:
+            segments = split_command(command)
+        except Unparsable:
+            return False
+        if not segments:
+            return False
+        for seg in segments:
+            if any(t != "/dev/null" for t in seg.writes()):
+                return False
+            if not any(tuple(seg.words[:len(p)]) == p for p in self.prefixes):
+                return False
+        return True
+
+
+class StreamApprover:
+    """Asks on a text stream (stderr) and reads one line of answer (stdin)."""
+
+    def __init__(self, input: IO | None = None, output: IO | None = None) -> None:
+        self.input = input or sys.stdin
+        self.output = output or sys.stderr
+
+    def __call__(self, request: Request) -> Reply:
+        out = self.output
+        what = "run a command" if request.kind == "exec" else "change a file"
+        out.write(f"\nkimi: the agent wants to {what} ({request.tool}, {request.call_id}):\n")
+        out.write("".join("    " + line + "\n" for line in request.preview.splitlines()))
+        if request.kind == "exec":
+            session = ("[a] yes, and don't ask again this session for "
+                       + ", ".join("`" + " ".join(p) + "`" for p in request.prefixes)
+                       if request.prefixes else None)
+        else:
+            session = "[a] yes, and allow all file edits this session"
+        options = ["[y] yes", *([session] if session else []), "[n] no",
+                   "[m] no, and tell the model why"]
+        while True:
+            out.write("  " + "   ".join(options) + "\n  > ")
+            out.flush()
+            line = self.input.readline()
+            if not line:  # end of input: nobody is there
+                return Reply(Choice.deny, "")
+            answer = line.strip().lower()
+            if answer in ("y", "yes"):
+                return Reply(Choice.once)
+            if answer == "a" and session:
+                return Reply(Choice.session)
+            if answer in ("n", "no"):
+                return Reply(Choice.deny)
+            if answer == "m":
+                out.write("  message to the model: ")
+                out.flush()
+                return Reply(Choice.deny_with_message, self.input.readline().strip())

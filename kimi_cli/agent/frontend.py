@@ -1,0 +1,165 @@
+"""`kimi run --agent`'s front end: agent events to the terminal renderer (text), one JSON
+document (json) or one event per line (jsonl); how the run ended becomes the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO
+
+from .. import config
+from ..errors import KimiError
+from . import events as ev
+from .loop import Agent
+
+
+class AgentStopped(KimiError):
+    """The agent stopped without answering (step limit, repeated calls, context full)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_CODES = {"max_steps": config.EXIT_AGENT_STEP_LIMIT,
+              "repeated_calls": config.EXIT_AGENT_REPEATING, "context_full": 1}
+HINTS = {"max_steps": "; raise --max-steps to let it go on",
+         "repeated_calls": "; it was told after "
+                           f"{config.AGENT_REPEAT_WARN} and stopped at {config.AGENT_REPEAT_STOP}",
+         "context_full": "; raise --context-limit if memory allows"}
+
+
+def check_done(done: ev.Done) -> None:
+    """Raise what the CLI turns into the run's exit code (nothing for an answer)."""
+    if done.reason == "interrupted":
+        raise KeyboardInterrupt
+    if done.reason in EXIT_CODES:
+        raise AgentStopped(done.message + HINTS[done.reason], EXIT_CODES[done.reason])
+
+
+def run(agent: Agent, task: str, fmt: str, *, quiet: bool = False, think: str = "show",
+        color: str = "auto", out: IO | None = None, err: IO | None = None) -> ev.Done:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if fmt == "jsonl":
+        return _jsonl(agent, task, out)
+    if fmt == "json":
+        return _json(agent, task, out)
+    return _text(agent, task, out, err, quiet, think, color)
+
+
+def _jsonl(agent: Agent, task: str, out: IO) -> ev.Done:
+    done = None
+    for e in agent.run(task):
+        out.write(json.dumps(ev.to_dict(e), ensure_ascii=False) + "\n")
+        out.flush()
+        if isinstance(e, ev.Done):
+            done = e
+    return done
+
+
+def _json(agent: Agent, task: str, out: IO) -> ev.Done:
+    calls: dict[str, dict] = {}
+    answer = None
+    done = None
+    start = None
+    for e in agent.run(task):
+        if isinstance(e, ev.Started):
+            start = e
+        elif isinstance(e, ev.ToolCallEvent):
+            calls[e.id] = {k: v for k, v in ev.to_dict(e).items() if k != "type"}
+        elif isinstance(e, ev.Approval) and e.id in calls:
+            calls[e.id].update(decision=e.decision, decided_by=e.by, reason=e.reason,
+                               message=e.message)
+        elif isinstance(e, ev.ToolResult) and e.id in calls:
+            calls[e.id].update(ok=e.ok, content=e.content)
+        elif isinstance(e, ev.Answer):
+            answer = e
+        elif isinstance(e, ev.Done):
+            done = e
+    doc = {
+        "text": answer.text if answer else "",
+        "reasoning": answer.reasoning if answer else "",
+        "finish_reason": done.reason,
+        "message": done.message,
+        "steps": done.steps,
+        "workspace": start.workspace, "approval": start.approval, "sandbox": start.sandbox,
+        "tool_calls": list(calls.values()),
+        "usage": done.totals,
+        "messages": agent.messages,
+    }
+    out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    out.flush()
+    return done
+
+
+def _text(agent: Agent, task: str, out: IO, err: IO, quiet: bool, think: str,
+          color: str) -> ev.Done:
+    from ..ui.events import ThinkMode
+    from ..ui.render import LiveRenderer, make_renderer
+    from ..ui.term import make_console
+
+    r = make_renderer(make_console(out, color), make_console(err, color), think=ThinkMode(think),
+                      quiet=quiet)
+    live = isinstance(r, LiveRenderer)
+    base = agent.policy.approver
+    if base is not None:
+        def ask(request):
+            r.finish("stop")  # the question must not be drawn over by a live region
+            return base(request)
+        agent.policy.approver = ask
+    kinds = {name: t.kind for name, t in agent.tools.items()}
+    step_text: list[str] = []  # a piped answer is only what the last step writes
+    step_calls = 0
+    done = None
+    for e in agent.run(task):
+        if isinstance(e, ev.Started):
+            r.note(f"kimi: agent in {e.workspace} · approval: {e.approval} · "
+                   f"shell sandbox: {e.sandbox}")
+        elif isinstance(e, ev.StepStarted):
+            step_text.clear()
+            step_calls = 0
+        elif isinstance(e, ev.Prefill):
+            r.progress(e.processed, e.total)
+        elif isinstance(e, ev.Reasoning):
+            r.reasoning(e.text)
+        elif isinstance(e, ev.Text):
+            if live:
+                r.text(e.text)
+            else:
+                step_text.append(e.text)
+        elif isinstance(e, ev.ToolCallEvent):
+            step_calls += 1
+            r.tool_call(e)
+        elif isinstance(e, ev.StepFinished):
+            if step_calls and step_text and "".join(step_text).strip():
+                r.note("".join(step_text).strip())
+        elif isinstance(e, ev.Approval):
+            if e.decision != "allowed":
+                r.note(f"✗ {e.id} {e.decision} ({e.by})", style="red")
+            else:
+                if e.by in ("user", "session"):
+                    r.note(f"✓ {e.name} {e.id} approved"
+                           + (" (session approval)" if e.by == "session" else ""), style="green")
+                if kinds.get(e.name) == "exec":
+                    r.waiting(f"running {e.name}…")
+        elif isinstance(e, ev.ToolResult):
+            r.tool_result(e)
+        elif isinstance(e, ev.ContextElided):
+            r.note(f"kimi: context near its limit: elided {e.tool_results} old tool results"
+                   + (f" and {e.reasoning} old reasoning blocks" if e.reasoning else "")
+                   + f" ({e.tokens_before} → {e.tokens_after} tokens)")
+        elif isinstance(e, ev.Answer):
+            if not live:
+                r.text(e.text)
+        elif isinstance(e, ev.Done):
+            done = e
+    r.finish("stop" if done.reason == "answer" else done.reason)
+    if not quiet:
+        t = done.totals
+        r.note(f"[{done.steps} steps, {t['tool_calls']} tool calls | prefilled "
+               f"{t['prefilled_tokens']} of {t['prompt_tokens']} prompt tokens "
+               f"({t['prefill_ratio']:.2f}× the {t['added_tokens']} new) | "
+               f"{t['generated_tokens']} generated | {done.reason}]")
+    return done

@@ -1,0 +1,76 @@
+"""write_file{path, content}: create or overwrite a text file in the workspace.
+
+Safety: the path must resolve inside the workspace and not to a secret or a shell start-up file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from ..safety import resolve
+from .base import Tool, ToolContext, ToolError
+
+MAX_DIFF_LINES = 400
+
+
+def current_text(path: Path) -> str:
+    if not path.exists():
+        return ""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return f.read()
+
+
+def diff(shown: str, before: str, after: str) -> str:
+    """A unified diff for the approval prompt (cut to a readable length)."""
+    lines = list(difflib.unified_diff(before.splitlines(keepends=True),
+                                      after.splitlines(keepends=True),
+                                      fromfile=f"a/{shown}", tofile=f"b/{shown}"))
+    if len(lines) > MAX_DIFF_LINES:
+        lines = lines[:MAX_DIFF_LINES] + [f"... ({len(lines) - MAX_DIFF_LINES} more lines)\n"]
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+
+
+def run(args: dict, ctx: ToolContext) -> str:
+    path = resolve(ctx.workspace, args["path"], write=True)
+    if path.is_dir():
+        raise ToolError(f"{args['path']} is a directory")
+    existed = path.exists()
+    write(path, args["content"])
+    n = args["content"].count("\n") + (0 if args["content"].endswith("\n") else 1)
+    verb = "overwrote" if existed else "created"
+    return f"{verb} {args['path']} ({n} lines, {len(args['content'].encode())} bytes)"
+
+
+def check(args: dict, ctx: ToolContext) -> None:
+    resolve(ctx.workspace, args["path"], write=True)
+
+
+def preview(args: dict, ctx: ToolContext) -> str:
+    path = resolve(ctx.workspace, args["path"], write=True)
+    return diff(args["path"], current_text(path), args["content"])
+
+
+TOOL = Tool(
+    name="write_file",
+    description="Create a text file in the workspace, or replace its whole content. "
+                "Parent directories are created. Prefer edit_file for changes to a file.",
+    parameters={
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "Path relative to the workspace."},
+            "content": {"type": "string", "description": "The complete new content."},
+        },
+        "required": ["path", "content"],
+    },
+    kind="edit",
+    run=run,
+    check=check,
+    preview=preview,
+)

@@ -338,9 +338,12 @@ class Agent:
         msgs = self.messages
         steps = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m.get("tool_calls")]
         keep = self.cfg.keep_recent
-        cutoff = steps[-keep] if keep and len(steps) >= keep else (steps[0] if steps else 0)
-        if not keep:
+        if keep == 0:
             cutoff = len(msgs)
+        elif len(steps) >= keep:
+            cutoff = steps[-keep]  # messages from here on are the recent steps: untouched
+        else:
+            cutoff = steps[0] if steps else 0
         freed = n_tool = n_reasoning = 0
         for m in msgs[:cutoff]:
             if freed >= need:
@@ -376,27 +379,30 @@ class Agent:
             end = first + 1
             while end < len(msgs) and msgs[end]["role"] == "tool":
                 end += 1
-            removed = msgs[first:end]
-            freed += sum(len(tok.encode(json.dumps(m, ensure_ascii=False))) for m in removed) // 2
+            freed += sum(_tokens(tok, m) for m in msgs[first:end])
             del msgs[first:end]
-            steps = [i - (end - first) for i in steps]
-            cutoff -= end - first
             n_steps += 1
-            note_at = first - 1 if first > 0 and _is_drop_note(msgs[first - 1]) else None
-            dropped = n_steps_before = 0
-            if note_at is not None:
-                n_steps_before = int(msgs[note_at]["content"].split()[1])
-                dropped = n_steps_before + 1
-                msgs[note_at]["content"] = _drop_note(dropped)
+            shift = first - end
+            if first > 0 and _is_drop_note(msgs[first - 1]):
+                note = msgs[first - 1]
+                note["content"] = _drop_note(int(note["content"].split()[1]) + 1)
             else:
                 msgs.insert(first, {"role": "system", "content": _drop_note(1)})
-                steps = [i + 1 for i in steps]
-                cutoff += 1
+                shift += 1
+            steps = [i + shift for i in steps]
+            cutoff += shift
         return n_tool, n_reasoning, n_steps
 
 
 ELIDED = "[elided by kimi to free context:"
 ELIDED_REASONING = "[reasoning elided by kimi to free context]"
+
+
+def _tokens(tok, message: dict) -> int:
+    """About the tokens a message takes in the prompt (its text parts; markers are few)."""
+    parts = [message.get("content") or "", message.get("reasoning_content") or ""]
+    parts += [c["id"] + c["function"]["arguments"] for c in message.get("tool_calls") or []]
+    return len(tok.encode("".join(parts), allow_special=False)) + 4
 
 
 def _drop_note(n: int) -> str:

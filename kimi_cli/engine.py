@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
 from . import config
 
@@ -143,6 +142,10 @@ class Engine:
         settings = settings or SamplingSettings()
         if not prompt_ids:
             raise ValueError("empty prompt")
+        # Imported here: mlx_lm's package import pulls in transformers (~2 s), which a usage
+        # error or --print-prompt should not pay for.
+        from mlx_lm.sample_utils import make_sampler
+
         stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         sampler = make_sampler(
             temp=settings.temperature,

@@ -1,16 +1,16 @@
 """The MLA latent KV cache: per token and layer only the normalized latent and the rope key.
 
 One buffer [B, 1, T, kv_lora_rank + qk_rope_head_dim]; compatible with mlx-lm's cache protocol
-(offset, trim, state) so its prompt-cache helpers work on it.
+(offset, trim, state, is_trimmable) so its prompt-cache helpers work on it; it does not
+import mlx-lm (whose package import pulls in transformers).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import _BaseCache
 
 
-class LatentCache(_BaseCache):
+class LatentCache:
     step = 256
 
     def __init__(self) -> None:
@@ -31,6 +31,16 @@ class LatentCache(_BaseCache):
         self.offset += n
         self.latent[..., prev : self.offset, :] = latent
         return self.latent[..., : self.offset, :]
+
+    @property
+    def meta_state(self):
+        return ""
+
+    @classmethod
+    def from_state(cls, state, meta_state=None) -> LatentCache:
+        obj = cls()
+        obj.state = state
+        return obj
 
     def size(self) -> int:
         return self.offset

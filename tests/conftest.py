@@ -7,9 +7,15 @@ read the real checkpoint.
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+
+# CI may start the suite with SIGINT ignored (as a background job of a non-interactive shell), and
+# an ignored signal stays ignored across fork and exec: the CLI under test would never see Ctrl-C.
+# Give this process a handler, so the children start with the default disposition a user's has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_tiny_tokenizer(path: Path, n_ranks: int = 316) -> int:

@@ -570,22 +570,44 @@ def chat(
         "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
         "this size (e.g. 40GB, 25%, auto).")] = None,
     color: Annotated[Color, typer.Option("--color", help="auto, always or never.")] = Color.auto,
+    agent: Annotated[bool, typer.Option(
+        "--agent", help="Agent mode from the start (/agent on|off toggles it): each turn the "
+        "model may call tools (files, shell) in the workspace until it answers.")] = False,
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", help=f"Agent: model calls per turn before it stops unanswered (default "
+        f"{config.AGENT_MAX_STEPS}).")] = None,
+    tools: Annotated[str | None, typer.Option(
+        "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
+        "write_file, edit_file, shell), `all` (default) or `read-only`.")] = None,
+    workspace: Annotated[Path | None, typer.Option(
+        "--workspace", "-w", help="Agent: the directory the tools work in (default: the "
+        "current one).")] = None,
+    approval: Annotated[Approval | None, typer.Option(
+        "--approval", help="Agent: ask (default; without a terminal, edits and commands are "
+        "denied), auto-edit (file edits run, commands ask) or yolo.")] = None,
+    allow_network: Annotated[bool, typer.Option(
+        "--allow-network", help="Agent: let sandboxed shell commands use the network.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
+        agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
+                                    workspace=workspace, approval=approval,
+                                    allow_network=allow_network, context_limit=None)
         code = _chat(session_ref, model, system, dict(
             temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
-            max_tokens=max_tokens, seed=seed), think, cont, resume, expert_cache, color, debug)
+            max_tokens=max_tokens, seed=seed), think, cont, resume, expert_cache, color, debug,
+            agent_opts)
     raise typer.Exit(code)
 
 
 def _chat(session_ref, model, system, flags: dict, think, cont: bool, resume: bool,
-          expert_cache, color, debug: bool) -> int:
+          expert_cache, color, debug: bool, agent_opts: dict | None = None) -> int:
     from dataclasses import fields
 
     from .engine import SamplingSettings
     from .sessions import Session, find_session, latest_session
+    from .ui.agent_turn import AgentMode
     from .ui.events import ThinkMode
     from .ui.prefs import read_prefs
     from .ui.repl import ChatApp, make_reader, pick_session
@@ -637,7 +659,8 @@ def _chat(session_ref, model, system, flags: dict, think, cont: bool, resume: bo
         session.update_header(system=system)
     app = ChatApp(mdl, tok, console, spec=spec, session=session, settings=settings,
                   think=think_mode, model_path=path, debug=debug,
-                  err_console=make_console(sys.stderr, color.value))
+                  err_console=make_console(sys.stderr, color.value),
+                  agent=AgentMode.from_options(agent_opts, on=True) if agent_opts else None)
     if session.header.get("settings") != app.settings_dict():
         session.update_header(settings=app.settings_dict())
     return app.run(make_reader())

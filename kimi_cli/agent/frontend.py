@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import IO
 
 from .. import config
@@ -109,52 +110,13 @@ def _text(agent: Agent, task: str, out: IO, err: IO, quiet: bool, think: str,
             r.finish("stop")  # the question must not be drawn over by a live region
             return base(request)
         agent.policy.approver = ask
-    kinds = {name: t.kind for name, t in agent.tools.items()}
-    step_text: list[str] = []  # a piped answer is only what the last step writes
-    step_calls = 0
-    done = None
-    for e in agent.run(task):
+
+    def announce(e: ev.Event) -> None:
         if isinstance(e, ev.Started):
             r.note(f"kimi: agent in {e.workspace} · approval: {e.approval} · "
                    f"shell sandbox: {e.sandbox}")
-        elif isinstance(e, ev.StepStarted):
-            step_text.clear()
-            step_calls = 0
-        elif isinstance(e, ev.Prefill):
-            r.progress(e.processed, e.total)
-        elif isinstance(e, ev.Reasoning):
-            r.reasoning(e.text)
-        elif isinstance(e, ev.Text):
-            if live:
-                r.text(e.text)
-            else:
-                step_text.append(e.text)
-        elif isinstance(e, ev.ToolCallEvent):
-            step_calls += 1
-            r.tool_call(e)
-        elif isinstance(e, ev.StepFinished):
-            if step_calls and step_text and "".join(step_text).strip():
-                r.note("".join(step_text).strip())
-        elif isinstance(e, ev.Approval):
-            if e.decision != "allowed":
-                r.note(f"✗ {e.id} {e.decision} ({e.by})", style="red")
-            else:
-                if e.by in ("user", "session"):
-                    r.note(f"✓ {e.name} {e.id} approved"
-                           + (" (session approval)" if e.by == "session" else ""), style="green")
-                if kinds.get(e.name) == "exec":
-                    r.waiting(f"running {e.name}…")
-        elif isinstance(e, ev.ToolResult):
-            r.tool_result(e)
-        elif isinstance(e, ev.ContextElided):
-            r.note(f"kimi: context near its limit: elided {e.tool_results} old tool results"
-                   + (f" and {e.reasoning} old reasoning blocks" if e.reasoning else "")
-                   + f" ({e.tokens_before} → {e.tokens_after} tokens)")
-        elif isinstance(e, ev.Answer):
-            if not live:
-                r.text(e.text)
-        elif isinstance(e, ev.Done):
-            done = e
+
+    done = show(agent, task, r, live=live, on_event=announce)
     r.finish("stop" if done.reason == "answer" else done.reason)
     if not quiet:
         t = done.totals
@@ -162,4 +124,71 @@ def _text(agent: Agent, task: str, out: IO, err: IO, quiet: bool, think: str,
                f"{t['prefilled_tokens']} of {t['prompt_tokens']} prompt tokens "
                f"({t['prefill_ratio']:.2f}× the {t['added_tokens']} new) | "
                f"{t['generated_tokens']} generated | {done.reason}]")
+    return done
+
+
+def show(agent: Agent, task: str, r, *, live: bool,
+         on_event: Callable[[ev.Event], None] | None = None) -> ev.Done:
+    """Run `task` and draw its events on the renderer `r` (reasoning, answer, tool calls and
+    results in their panels, approvals as notes); `on_event` sees each event first. Ctrl-C
+    while an event is being drawn reaches the loop too, which closes the turn as usual.
+    `live`: `r` streams the answer in place (else only the last step's text is the answer)."""
+    kinds = {name: t.kind for name, t in agent.tools.items()}
+    step_text: list[str] = []  # a piped answer is only what the last step writes
+    step_calls = 0
+    done = None
+    events = agent.run(task)
+    interrupted = False
+    while done is None:
+        try:
+            e = events.throw(KeyboardInterrupt) if interrupted else next(events)
+        except StopIteration:
+            break
+        except KeyboardInterrupt:  # before the loop could catch it, or pressed twice
+            e = ev.Done("interrupted", agent.totals.steps, "interrupted", agent.totals.to_dict())
+        interrupted = False
+        try:
+            if on_event is not None:
+                on_event(e)
+            if isinstance(e, ev.StepStarted):
+                step_text.clear()
+                step_calls = 0
+            elif isinstance(e, ev.Prefill):
+                r.progress(e.processed, e.total)
+            elif isinstance(e, ev.Reasoning):
+                r.reasoning(e.text)
+            elif isinstance(e, ev.Text):
+                if live:
+                    r.text(e.text)
+                else:
+                    step_text.append(e.text)
+            elif isinstance(e, ev.ToolCallEvent):
+                step_calls += 1
+                r.tool_call(e)
+            elif isinstance(e, ev.StepFinished):
+                if step_calls and step_text and "".join(step_text).strip():
+                    r.note("".join(step_text).strip())
+            elif isinstance(e, ev.Approval):
+                if e.decision != "allowed":
+                    r.note(f"✗ {e.id} {e.decision} ({e.by})", style="red")
+                else:
+                    if e.by in ("user", "session"):
+                        r.note(f"✓ {e.name} {e.id} approved"
+                               + (" (session approval)" if e.by == "session" else ""),
+                               style="green")
+                    if kinds.get(e.name) == "exec":
+                        r.waiting(f"running {e.name}…")
+            elif isinstance(e, ev.ToolResult):
+                r.tool_result(e)
+            elif isinstance(e, ev.ContextElided):
+                r.note(f"kimi: context near its limit: elided {e.tool_results} old tool results"
+                       + (f" and {e.reasoning} old reasoning blocks" if e.reasoning else "")
+                       + f" ({e.tokens_before} → {e.tokens_after} tokens)")
+            elif isinstance(e, ev.Answer):
+                if not live:
+                    r.text(e.text)
+        except KeyboardInterrupt:
+            interrupted = not isinstance(e, ev.Done)
+        if isinstance(e, ev.Done):
+            done = e
     return done

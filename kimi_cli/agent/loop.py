@@ -61,11 +61,13 @@ class Totals:
 
 
 class Agent:
-    """One conversation with tools; `run` may be called again for a follow-up task."""
+    """One conversation with tools; `run` may be called again for a follow-up task, and
+    `history` continues an earlier conversation (a chat's messages after its system prompt)."""
 
     def __init__(self, engine: Engine | None, tools: list[Tool], ctx: ToolContext,
                  policy: Policy, settings: SamplingSettings | None = None,
-                 cfg: AgentConfig | None = None, tokenizer=None):
+                 cfg: AgentConfig | None = None, tokenizer=None,
+                 history: list[dict] | None = None):
         self.engine = engine  # None: only render prompts (kimi run --agent --print-prompt)
         self.tokenizer = tokenizer or engine.tokenizer
         self.tools = {t.name: t for t in tools}
@@ -82,6 +84,14 @@ class Agent:
         self._previous_total: int | None = None  # prompt + generated tokens of the last step
         self._added = 0  # tokens this step's messages added (measured before any elision)
         self._base: int | None = None
+        if history:  # a chat's earlier turns (no system message): ids keep running across them
+            self.messages += history
+            for m in history:
+                for c in m.get("tool_calls") or ():
+                    self._used_ids.add(c["id"])
+                    self._next_index += 1
+            # Elision may shorten the earlier turns too: only the system prompt is fixed.
+            self._base = len(encode_messages(self.tokenizer, self.messages[:1], self.schemas))
         special = self.tokenizer.special_tokens
         self._think = (special.get(THINK_BEGIN), special.get(THINK_END), special.get(SECTION_BEGIN))
 

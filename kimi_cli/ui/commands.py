@@ -123,6 +123,11 @@ def _help(app: ChatApp, arg: str) -> None:
         "Enter sends · Alt-Enter or Ctrl-J: new line · \"\"\" opens a block · "
         "Ctrl-X Ctrl-E: $EDITOR · Ctrl-R: search history · Ctrl-C stops a reply · "
         "Ctrl-D exits", style="dim"))
+    if app.agent.on:
+        app.console.print(Text(f"agent mode: on · {app.agent.describe()}", style="dim"))
+    else:
+        app.console.print(Text("agent mode: off (/agent on lets the model use tools)",
+                               style="dim"))
 
 
 @command("exit", "", "save and leave (also Ctrl-D)")
@@ -175,10 +180,22 @@ def _think(app: ChatApp, arg: str) -> None:
     app.note(f"reasoning display: {mode.value} (remembered)")
 
 
+@command("agent", "[on|off]", "agent mode: the model reads, edits and runs things in the "
+         "workspace with tools")
+def _agent(app: ChatApp, arg: str) -> None:
+    if not arg:
+        state = f"on · {app.agent.describe()}" if app.agent.on else "off"
+        app.note(f"agent mode: {state}")
+        return
+    if arg.lower() not in ("on", "off"):
+        raise CommandError(f"/agent: expected on or off, got {arg!r}")
+    app.set_agent(arg.lower() == "on")
+
+
 @command("retry", "", "answer the last message again")
 def _retry(app: ChatApp, arg: str) -> None:
     msgs = app.session.messages
-    while msgs and msgs[-1].get("role") == "assistant":
+    while msgs and msgs[-1].get("role") in ("assistant", "tool"):  # an agent turn: all its steps
         app.session.pop()
     if not msgs or msgs[-1].get("role") != "user":
         raise CommandError("/retry: there is no message to answer again")

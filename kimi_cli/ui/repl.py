@@ -1,4 +1,5 @@
-"""The `kimi chat` loop: read a message or a slash command, stream the reply, save the session.
+"""The `kimi chat` loop: read a message or a slash command, stream the reply (in agent mode, run
+the agent: agent_turn.py), save the session.
 
 Ctrl-C stops a reply (what was written stays in the conversation); at an empty prompt it says how
 to leave; Ctrl-D or /exit leave with exit code 0, saving the session's KV cache for a fast resume.
@@ -22,6 +23,8 @@ from ..engine import Engine, PrefillProgress, SamplingSettings, common_prefix
 from ..errors import KimiError
 from ..sessions import KVInfo, KVMismatch, Session, load_kv, model_fingerprint, save_kv
 from . import commands
+from .agent_turn import AgentMode, run_turn
+from .agent_turn import prompt_ids as agent_prompt_ids
 from .events import ThinkMode, ToolResult
 from .input import LineReader, PromptReader, unwrap
 from .prefs import write_pref
@@ -44,7 +47,8 @@ class ChatApp:
 
     def __init__(self, model, tokenizer, console: Console, *, spec: str, session: Session,
                  settings: SamplingSettings, think: ThinkMode, model_path: Path | None = None,
-                 err_console: Console | None = None, debug: bool = False):
+                 err_console: Console | None = None, debug: bool = False,
+                 agent: AgentMode | None = None):
         self.model = model
         self.tokenizer = tokenizer
         # Answers go to `out`; everything else to `console`: the same terminal, or stderr when
@@ -58,6 +62,7 @@ class ChatApp:
         self.settings = settings
         self.think = think
         self.debug = debug
+        self.agent = agent or AgentMode()  # /agent on|off
         self.engine = Engine(model, tokenizer)
         self.fingerprint = model_fingerprint(model)
         self.kv_owner: str | None = None  # the session whose tokens the engine's cache holds
@@ -82,6 +87,13 @@ class ChatApp:
     def set_think(self, mode: ThinkMode) -> None:
         self.think = mode
         write_pref("think", mode.value)
+
+    def set_agent(self, on: bool) -> None:
+        self.agent.on = on
+        if on:
+            self.note(f"agent mode on: the model uses tools · {self.agent.describe()}")
+        else:
+            self.note("agent mode off: the model answers without tools")
 
     # The loop
 
@@ -128,14 +140,20 @@ class ChatApp:
 
     def banner(self) -> None:
         self.console.print(Text.assemble(("kimi chat", "bold " + ANSWER_STYLE),
-                                         (f" · {self.spec} · reasoning: {self.think.value}",
-                                          "dim")))
+                                         (f" · {self.spec} · reasoning: {self.think.value}"
+                                          + (" · agent: on" if self.agent.on else ""), "dim")))
         self.note("/help: commands · Alt-Enter: new line · Ctrl-C: stop a reply · "
                   "Ctrl-D: exit")
+        if self.agent.on:
+            self.note(f"agent mode: {self.agent.describe()}")
 
     # One reply
 
     def respond(self) -> None:
+        """Answer the last user message: with the agent loop in agent mode, else one reply."""
+        if self.agent.on:
+            run_turn(self)
+            return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))
         room = config.CONTEXT_LENGTH - len(ids)
@@ -252,16 +270,20 @@ class ChatApp:
                     self.console.print(tool_call_panel(_call_from_message(call)))
             elif role == "tool":
                 self.console.print(tool_result_panel(ToolResult(
-                    m.get("tool_call_id", ""), m.get("name", ""), m.get("content") or "")))
+                    m.get("tool_call_id", ""), m.get("name", ""), m.get("content") or "",
+                    error=m.get("ok") is False)))
         self.console.rule(style="grey50")
 
     # Reports
 
     def context_usage(self) -> tuple[int, int]:
         """Tokens of the conversation so far, and how many of them the KV cache holds."""
-        text = render(self.session.prompt_messages(), add_generation_prompt=False,
-                      template=self.tokenizer.chat_template)
-        ids = self.tokenizer.encode(text)
+        if self.agent.on:
+            ids = agent_prompt_ids(self)
+        else:
+            ids = self.tokenizer.encode(render(self.session.prompt_messages(),
+                                               add_generation_prompt=False,
+                                               template=self.tokenizer.chat_template))
         return len(ids), common_prefix(self.engine.cached_ids, ids)
 
     def stats_lines(self) -> list[str]:

@@ -101,3 +101,32 @@ def no_echo(stream: IO | None = None) -> Iterator[None]:
     finally:
         with contextlib.suppress(termios.error):
             termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
+@contextlib.contextmanager
+def line_input(stream: IO | None = None) -> Iterator[None]:
+    """Ordinary line input (echo, line editing, Enter) for a question asked inside `no_echo`;
+    keys typed ahead are dropped first, so an answer is always typed after the question."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, ValueError, OSError):
+        yield
+        return
+    new = list(old)
+    new[3] |= termios.ECHO | termios.ICANON
+    new[0] |= termios.ICRNL
+    try:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, old)

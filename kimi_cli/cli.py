@@ -126,6 +126,25 @@ def model_dir(spec: str, quiet: bool):
     return resolve_model_path(spec)
 
 
+# Options shared by several commands (one definition, one help text).
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
+ExpertCacheOpt = Annotated[str | None, typer.Option(
+        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
+        "this size (e.g. 40GB, 25%, auto).")]
+ToolsOpt = Annotated[str | None, typer.Option(
+        "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
+        "write_file, edit_file, shell), `all` (default) or `read-only`.")]
+WorkspaceOpt = Annotated[Path | None, typer.Option(
+        "--workspace", "-w", help="Agent: the directory the tools work in (default: the "
+        "current one).")]
+ApprovalOpt = Annotated[Approval | None, typer.Option(
+        "--approval", help="Agent: ask (default; without a terminal, edits and commands are "
+        "denied), auto-edit (file edits run, commands ask) or yolo.")]
+AllowNetworkOpt = Annotated[bool, typer.Option(
+        "--allow-network", help="Agent: let sandboxed shell commands use the network.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")]
+
+
 @app.command()
 def run(
     prompt: Annotated[str | None, typer.Argument(
@@ -134,7 +153,7 @@ def run(
         "--model", "-m", help="Checkpoint directory or expert pack, Hub repo id in the HF "
         "cache, `demo` (random weights) or `scripted:FILE[@RATE]` (replays FILE's outputs).",
         envvar="KIMI_MODEL")] = None,
-    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="No chat template: the prompt is the text to continue.")] = False,
     temperature: Annotated[float, typer.Option("--temperature", "-t")] = (
@@ -155,9 +174,7 @@ def run(
     color: Annotated[Color, typer.Option(
         "--color", help="Colour on stderr (and live panels on a terminal): auto (NO_COLOR, "
         "FORCE_COLOR, TERM=dumb, or whether it is a terminal), always or never.")] = Color.auto,
-    expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto).")] = None,
+    expert_cache: ExpertCacheOpt = None,
     no_prefetch: Annotated[bool, typer.Option(
         "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
     pin_experts: Annotated[Path | None, typer.Option(
@@ -172,21 +189,14 @@ def run(
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", help=f"Agent: model calls before it stops unanswered (default "
         f"{config.AGENT_MAX_STEPS}; exit code {config.EXIT_AGENT_STEP_LIMIT}).")] = None,
-    tools: Annotated[str | None, typer.Option(
-        "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
-        "write_file, edit_file, shell), `all` (default) or `read-only`.")] = None,
-    workspace: Annotated[Path | None, typer.Option(
-        "--workspace", "-w", help="Agent: the directory the tools work in (default: the "
-        "current one).")] = None,
-    approval: Annotated[Approval | None, typer.Option(
-        "--approval", help="Agent: ask (default; without a terminal, edits and commands are "
-        "denied), auto-edit (file edits run, commands ask) or yolo.")] = None,
-    allow_network: Annotated[bool, typer.Option(
-        "--allow-network", help="Agent: let sandboxed shell commands use the network.")] = False,
+    tools: ToolsOpt = None,
+    workspace: WorkspaceOpt = None,
+    approval: ApprovalOpt = None,
+    allow_network: AllowNetworkOpt = False,
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
     from .engine import SamplingSettings
@@ -464,7 +474,7 @@ def convert(
         "--force", help="Convert again even if DST already holds a pack.")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check an existing pack's checksums and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
     with _errors(debug):
@@ -552,7 +562,7 @@ def chat(
         "--model", "-m", help="As for `kimi run` (a directory, Hub id, `demo`, "
         "`scripted:FILE` or `scripted:FILE@RATE`); default: the resumed session's model.",
         envvar="KIMI_MODEL")] = None,
-    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    system: SystemOpt = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p")] = None,
     min_p: Annotated[float | None, typer.Option("--min-p")] = None,
@@ -566,9 +576,7 @@ def chat(
         "--continue", "-c", help="Continue the most recent session.")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume", "-r", help="Resume a session: -r ID, or -r alone to pick one.")] = False,
-    expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto).")] = None,
+    expert_cache: ExpertCacheOpt = None,
     color: Annotated[Color, typer.Option("--color", help="auto, always or never.")] = Color.auto,
     agent: Annotated[bool, typer.Option(
         "--agent", help="Agent mode from the start (/agent on|off toggles it): each turn the "
@@ -576,18 +584,11 @@ def chat(
     max_steps: Annotated[int | None, typer.Option(
         "--max-steps", help=f"Agent: model calls per turn before it stops unanswered (default "
         f"{config.AGENT_MAX_STEPS}).")] = None,
-    tools: Annotated[str | None, typer.Option(
-        "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
-        "write_file, edit_file, shell), `all` (default) or `read-only`.")] = None,
-    workspace: Annotated[Path | None, typer.Option(
-        "--workspace", "-w", help="Agent: the directory the tools work in (default: the "
-        "current one).")] = None,
-    approval: Annotated[Approval | None, typer.Option(
-        "--approval", help="Agent: ask (default; without a terminal, edits and commands are "
-        "denied), auto-edit (file edits run, commands ask) or yolo.")] = None,
-    allow_network: Annotated[bool, typer.Option(
-        "--allow-network", help="Agent: let sandboxed shell commands use the network.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    tools: ToolsOpt = None,
+    workspace: WorkspaceOpt = None,
+    approval: ApprovalOpt = None,
+    allow_network: AllowNetworkOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
@@ -736,7 +737,7 @@ def bench(
         "it.")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress on stderr.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Measure prefill and decode speed (llama-bench style), memory and the bandwidth floor."""
     with _errors(debug):
@@ -802,7 +803,7 @@ def download(
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-hash files downloaded by earlier runs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Download the model's files (only those it needs) into the Hugging Face cache."""
     with _errors(debug):
@@ -855,7 +856,7 @@ def info(
         "expert pack, else 5).")] = None,
     fmt: Annotated[InfoFormat, typer.Option("--format", "-f", help="text or json.")] = (
         InfoFormat.text),
-    debug: Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """What a model is, which files are here, and whether it fits this machine."""
     with _errors(debug):

@@ -159,11 +159,7 @@ class _Parser:
             elif c == "`":
                 buf.append(self._backticks())
             elif c == "$" and self._peek(1) == "(":
-                if self._peek(2) == "(":
-                    raise Unparsable("arithmetic expansion")
-                self.pos += 2
-                self.sequence(terminator=")")
-                buf.append(SUBSTITUTION)
+                buf.append(self._substitution())
             elif c == "$" and self._peek(1) == "{":
                 end = self.s.find("}", self.pos)
                 if end < 0:
@@ -191,14 +187,18 @@ class _Parser:
             elif c == "`":
                 buf.append(self._backticks())
             elif c == "$" and self._peek(1) == "(":
-                if self._peek(2) == "(":
-                    raise Unparsable("arithmetic expansion")
-                self.pos += 2
-                self.sequence(terminator=")")
-                buf.append(SUBSTITUTION)
+                buf.append(self._substitution())
             else:
                 buf.append(c)
                 self.pos += 1
+
+    def _substitution(self) -> str:
+        """`$(…)`: its commands are parsed (and checked) like the outer ones."""
+        if self._peek(2) == "(":
+            raise Unparsable("arithmetic expansion")
+        self.pos += 2
+        self.sequence(terminator=")")
+        return SUBSTITUTION
 
     def _backticks(self) -> str:
         end = self.pos + 1

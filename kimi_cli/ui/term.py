@@ -76,57 +76,46 @@ def _env_int(name: str, default: int) -> int:
 
 
 @contextlib.contextmanager
-def no_echo(stream: IO | None = None) -> Iterator[None]:
+def _tty_mode(stream: IO | None, echo_and_lines: bool, flush: bool = False) -> Iterator[None]:
+    """Turn echo, line editing and CR->NL on or off for the block; restore the old mode after.
+    Not a terminal (or no termios): the block runs unchanged."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+
+        fd = stream.fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, ValueError, OSError):
+        yield
+        return
+    new = list(old)
+    if echo_and_lines:
+        new[3] |= termios.ECHO | termios.ICANON
+        new[0] |= termios.ICRNL
+    else:
+        new[3] &= ~(termios.ECHO | termios.ICANON)
+        new[0] &= ~termios.ICRNL  # Enter typed ahead must stay Enter (\r), not Ctrl-J (\n)
+    try:
+        if flush:
+            termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, new)
+    except termios.error:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
+def no_echo(stream: IO | None = None) -> contextlib.AbstractContextManager[None]:
     """Keys typed while the model writes stay queued for the next prompt instead of being echoed
     into the live region (Ctrl-C still interrupts: ISIG is kept)."""
-    stream = stream or sys.stdin
-    try:
-        import termios
-
-        fd = stream.fileno()
-        old = termios.tcgetattr(fd)
-    except (ImportError, AttributeError, ValueError, OSError):
-        yield
-        return
-    new = list(old)
-    new[3] &= ~(termios.ECHO | termios.ICANON)
-    new[0] &= ~termios.ICRNL  # Enter typed ahead must stay Enter (\r), not Ctrl-J (\n)
-    try:
-        termios.tcsetattr(fd, termios.TCSANOW, new)
-    except termios.error:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(termios.error):
-            termios.tcsetattr(fd, termios.TCSANOW, old)
+    return _tty_mode(stream, echo_and_lines=False)
 
 
-@contextlib.contextmanager
-def line_input(stream: IO | None = None) -> Iterator[None]:
+def line_input(stream: IO | None = None) -> contextlib.AbstractContextManager[None]:
     """Ordinary line input (echo, line editing, Enter) for a question asked inside `no_echo`;
     keys typed ahead are dropped first, so an answer is always typed after the question."""
-    stream = stream or sys.stdin
-    try:
-        import termios
-
-        fd = stream.fileno()
-        old = termios.tcgetattr(fd)
-    except (ImportError, AttributeError, ValueError, OSError):
-        yield
-        return
-    new = list(old)
-    new[3] |= termios.ECHO | termios.ICANON
-    new[0] |= termios.ICRNL
-    try:
-        termios.tcflush(fd, termios.TCIFLUSH)
-        termios.tcsetattr(fd, termios.TCSANOW, new)
-    except termios.error:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(termios.error):
-            termios.tcsetattr(fd, termios.TCSANOW, old)
+    return _tty_mode(stream, echo_and_lines=True, flush=True)

@@ -6,6 +6,8 @@ a token (top_k slots per layer) to all-but-one expert.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -193,3 +195,61 @@ def test_profile_then_pin_keeps_hot_experts_resident(tiny_pack, resident):
     for L, experts in profile.items():  # pinned experts never left their slots
         assert [int(cache._slot_of[L][e]) for e in experts] == slots_before[L]
     cache.close()
+
+
+def _marking_cache(args, capacity: int, threads: int, blocked: set[int]):
+    """A cache whose reader writes the expert's id into every word of its slot; reads of the
+    experts in `blocked` start, then wait until `release` is set (in-flight prefetches)."""
+    from kimi_cli.experts.cache import ExpertCache
+
+    release, started = threading.Event(), []
+
+    def read(layer, expert, dest):
+        if expert in blocked:
+            started.append(expert)
+            assert release.wait(30), "test reader never released"
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            dest[f"{p}.weight"][...] = expert
+        return 1
+
+    cache = ExpertCache(args, read, {1: capacity}, mx.float32, threads=threads, prefetch=True)
+    cache.pools[1].fill = lambda slot, staged: None
+    return cache, release, started
+
+
+def _release_when_pending(cache, release, keys, timeout: float = 30.0):
+    """Release the blocked reads only once every demand read in `keys` has been given a slot."""
+    def go():
+        deadline = time.monotonic() + timeout
+        while not all(k in cache._pending for k in keys) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        release.set()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("wanted", [5, 6])
+def test_demand_request_takes_the_slots_of_in_flight_prefetches(tiny_pack, wanted):
+    # The crash: a grouped-prefill request as large as the pool while prefetch reads hold slots.
+    # One reader thread: prefetch of expert 7 is running (blocked), 8 and 9 are queued. Five
+    # wanted experts cancel the queued two; six must also wait for the running one to finish.
+    args = open_checkpoint(tiny_pack, with_experts=False).args
+    cache, release, started = _marking_cache(args, capacity=6, threads=1, blocked={7, 8, 9})
+    cache.begin_token()
+    cache.prefetch(1, np.array([7, 8, 9]))
+    while not started:  # expert 7's read is in flight before the demand request comes
+        time.sleep(0.001)
+    experts = np.arange(wanted)
+    helper = _release_when_pending(cache, release, [(1, e) for e in range(5)])
+    slots = cache.acquire(1, experts)
+    helper.join()
+    assert sorted(slots.tolist()) == sorted(set(slots.tolist())) and len(slots) == wanted
+    words = cache.pools[1].views["gate_proj.weight"]
+    for e, s in zip(experts, slots):  # no late prefetch write landed in a handed-out slot
+        assert (words[s] == e).all()
+    cache.close()
+    for e, s in zip(experts, slots):
+        assert (words[s] == e).all()
+    assert started == [7]  # the queued prefetches were cancelled, never read

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -347,7 +347,10 @@ class ExpertCache:
         if not np.isfinite(score[s]):
             if prefetch:
                 return -1
-            raise AssertionError("no evictable slot")
+            # A demand request never fails because guesses are in flight: take their slots.
+            if not self._reclaim_prefetch(layer, protect):
+                raise AssertionError("no evictable slot")
+            return self._victim(layer, protect)
         old = int(expert_in[s])
         if old >= 0:
             self._slot_of[layer][old] = -1
@@ -355,6 +358,27 @@ class ExpertCache:
             self.stats.layers[layer].evictions += 1
         expert_in[s] = -1
         return s
+
+    def _reclaim_prefetch(self, layer: int, protect: set[int]) -> bool:
+        """Free a slot held by an in-flight prefetch the request does not need: cancel a read
+        still queued (it never touches the slot), else wait until a running one has finished
+        writing. False when no such prefetch exists."""
+        held = [(e, slot, fut) for (L, e), (slot, fut) in self._pending.items()
+                if L == layer and e not in protect and e in self._prefetched[layer]
+                and not fut.done()]
+        for e, slot, fut in held:
+            if fut.cancel():
+                del self._pending[(layer, e)]
+                self._prefetched[layer].discard(e)
+                self._slot_of[layer][e] = -1
+                self._expert_in[layer][slot] = -1
+                return True
+        if not held:
+            return False
+        t0 = time.perf_counter()
+        wait([fut for _, _, fut in held], return_when=FIRST_COMPLETED)
+        self.stats.layers[layer].stall_seconds += time.perf_counter() - t0
+        return True  # the finished read is reaped (and its slot evictable) on the next look
 
     def _start_read(self, layer: int, expert: int, slot: int) -> Future:
         pool = self.pools[layer]

@@ -186,7 +186,7 @@ class Pack:
         buf = buf[:n]
         fd, entry = self._fd(layer), self._entry(layer)
         self._check_expert(entry, layer, expert)
-        _preadv_full(fd, [buf], expert * self.layout.stride, entry.file)
+        preadv_full(fd, [buf], expert * self.layout.stride, entry.file)
         self._after_read(fd, expert)
         if verify:
             self._check_crc(entry, layer, expert, zlib.crc32(buf))
@@ -211,7 +211,7 @@ class Pack:
                                  f"array, got {arr.nbytes} bytes")
             views.append(memoryview(arr).cast("B"))
             pos = r.offset + r.nbytes
-        _preadv_full(fd, views, expert * self.layout.stride, entry.file)
+        preadv_full(fd, views, expert * self.layout.stride, entry.file)
         self._after_read(fd, expert)
         if verify:
             crc = 0
@@ -297,8 +297,10 @@ class Pack:
         return fd
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
-    """Fill `views` from `offset`; a short file is a truncated pack."""
+def preadv_full(fd: int, views: list[memoryview], offset: int, path: Path,
+                fix: str = "reconvert with `kimi convert --force`") -> None:
+    """Fill `views` from `offset` (several `preadv` calls if the kernel returns short counts);
+    a file that ends early is reported as truncated, with `fix` saying what to do."""
     want = sum(len(v) for v in views)
     got = 0
     while views:
@@ -310,7 +312,7 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int, path: Path) -> N
             views[0][:n] = data
         if n == 0:
             raise CheckpointError(f"{path}: truncated (wanted {want} bytes at {offset}, file "
-                                  f"ends after {got}); reconvert with `kimi convert --force`")
+                                  f"ends after {got}); {fix}")
         got += n
         while views and n >= len(views[0]):
             n -= len(views[0])

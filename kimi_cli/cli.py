@@ -129,8 +129,10 @@ def model_dir(spec: str, quiet: bool):
 # Options shared by several commands (one definition, one help text).
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
 ExpertCacheOpt = Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto).")]
+        "--expert-cache", help="Hold this much of the routed experts in memory and stream the "
+        "rest from the download (or an expert pack): a size (40GB), a share of machine memory "
+        "(25%), a share of the experts (25%experts), off (all resident) or auto (default: "
+        "stream only when the model would not fit).")]
 ToolsOpt = Annotated[str | None, typer.Option(
         "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
         "write_file, edit_file, shell), `all` (default) or `read-only`.")]
@@ -232,7 +234,7 @@ def run(
             pinned = _read_profile(pin_experts) if pin_experts else None
             with _loading(path, quiet or fmt != Format.text, color):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned)
+                                pinned=pinned, log=None if quiet else _err)
         if agent_opts is not None:
             _run_agent(mdl, tok, text, system, settings, fmt, print_prompt, quiet,
                        "hide" if hide_reasoning else "show", agent_opts, color.value)
@@ -374,8 +376,10 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
         **{k: v for k, v in st.to_dict().items()},
     }
     cache = getattr(mdl, "expert_cache", None)
-    if cache is not None:
-        result["expert_cache"] = cache.stats.to_dict()
+    plan = getattr(mdl, "expert_plan", None)
+    if cache is not None or (plan is not None and plan.explicit):
+        result["expert_cache"] = {**(plan.to_dict() if plan is not None else {}),
+                                  **(cache.stats.to_dict() if cache is not None else {})}
     if fmt == Format.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
@@ -693,7 +697,7 @@ def _load_model(spec: str, color: Color = Color.auto, expert_cache: str | None =
     from .loader import load
 
     with _loading(path, False, color):
-        mdl, tok = load(path, expert_cache=expert_cache)
+        mdl, tok = load(path, expert_cache=expert_cache, log=_err)
     return mdl, tok, path
 
 
@@ -725,8 +729,8 @@ def bench(
         "--compare", help="Also run `mlx-lm` on the same checkpoint and print the ratio "
         "per test.")] = None,
     expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto); its stats are reported per test.")] = None,
+        "--expert-cache", help="Expert cache size as for `kimi run` (40GB, 25%, 25%experts, "
+        "off, auto); its stats are reported per test.")] = None,
     no_prefetch: Annotated[bool, typer.Option(
         "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
@@ -847,8 +851,8 @@ def info(
         "--context", help="Context length for the KV cache and the decode estimate.")] = (
         config.FIT_CONTEXT),
     expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Expert cache budget to plan for (e.g. 40GB, 25%); default: "
-        "auto, from this machine's memory.")] = None,
+        "--expert-cache", help="Expert cache budget to plan for (40GB, 25% of memory, "
+        "25%experts); default: auto, from this machine's memory.")] = None,
     bandwidth: Annotated[float | None, typer.Option(
         "--bandwidth", help="Memory bandwidth in GB/s to assume instead of measuring it.")] = None,
     ssd_gbps: Annotated[float | None, typer.Option(

@@ -104,9 +104,10 @@ def test_budget_too_small_is_a_clear_error(tiny_pack):
         kimi_cli.load(tiny_pack, expert_cache=budget_for(tiny_pack, 2))
 
 
-def test_cache_needs_a_pack(tiny_ckpt):
-    with pytest.raises(KimiError, match="kimi convert"):
-        kimi_cli.load(tiny_ckpt, expert_cache="1GB")
+def test_release_directory_streams_without_a_pack(tiny_ckpt, tiny_pack):
+    model, _ = kimi_cli.load(tiny_ckpt, expert_cache=budget_for(tiny_pack, 4))
+    assert model.expert_cache is not None and model.expert_plan.source == "release shards"
+    model.expert_cache.close()
 
 
 def test_pack_loads_identically_to_the_release(tiny_ckpt, tiny_pack):

@@ -82,11 +82,12 @@ class ReleaseSource:
         first = next(iter(self.runs.values()), ())
         self.expert_bytes = sum(r.nbytes - sum(n for k, n in r.parts if k is None)
                                 for r in first)
-        self.scale_shapes: dict[str, tuple[int, ...]] = {}
+        # Shape and host dtype of each region, for the ones a caller leaves to the reader.
+        self.region_types: dict[str, tuple[tuple[int, ...], type]] = {}
         if layers:
-            pre = f"model.layers.{layers[0]}.mlp.experts.0."
-            self.scale_shapes = {f"{p}.scales": ckpt.tensors[pre + p + ".weight_scale"].shape
-                                 for p in EXPERT_PROJS}
+            for region, name in expert_tensors(layers[0], 0).items():
+                kind = np.uint32 if region.endswith(".weight") else np.uint16
+                self.region_types[region] = (ckpt.tensors[name].shape, kind)
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
@@ -95,8 +96,8 @@ class ReleaseSource:
 
     def read_into(self, layer: int, expert: int, dest: dict[str, np.ndarray]) -> int:
         """Read one expert straight into `dest` (region name -> C-contiguous array of the
-        tensor's size, e.g. a slot's packed words); missing regions (the bf16 scales, as raw
-        16-bit words) are added as new arrays. Returns the bytes read, gaps included."""
+        tensor's size, e.g. a slot's packed words); missing regions are added as new arrays
+        (packed words as uint32, bf16 scales as their raw 16-bit words). Returns the bytes read, gaps included."""
         total = 0
         for run in self.runs[(layer, expert)]:
             views = []
@@ -106,7 +107,8 @@ class ReleaseSource:
                     continue
                 arr = dest.get(region)
                 if arr is None:
-                    arr = dest[region] = np.empty(self.scale_shapes[region], np.uint16)
+                    shape, kind = self.region_types[region]
+                    arr = dest[region] = np.empty(shape, kind)
                 if not arr.flags.c_contiguous or arr.nbytes != nbytes:
                     raise ValueError(f"read_into: {region} needs a C-contiguous {nbytes}-byte "
                                      f"array, got {arr.nbytes} bytes")

@@ -25,6 +25,7 @@ from typing import IO
 from urllib.parse import urlparse
 
 from . import config
+from .checkpoint import verified
 from .errors import CheckpointError, KimiError, UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -554,11 +555,14 @@ def _verify_file(path: Path, rf: RemoteFile, size: int | None) -> str:
         raise KimiError(f"{rf.name}: {have} bytes, the Hub says {size}; the partial file was "
                         "removed, rerun to fetch it again")
     if rf.sha256:
+        if verified.is_verified(path, rf.sha256):
+            return f"{_size(have)}, sha256 ok (verified before)"
         digest = _sha256(path)
         if digest != rf.sha256:
             _remove(path)
             raise KimiError(f"{rf.name}: sha256 {digest[:12]}… does not match the Hub's "
                             f"{rf.sha256[:12]}…; removed, rerun to fetch it again")
+        verified.record(path, digest)
         return f"{_size(have)}, sha256 ok"
     if rf.blob_id and size is not None and size < (64 << 20):
         h = hashlib.sha1(f"blob {have}\0".encode())  # noqa: S324 - git's object id, not security

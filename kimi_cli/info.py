@@ -145,10 +145,14 @@ def release_files(loc: Located, args: ModelArgs) -> dict:
         elif f in shards:
             missing.append(f)
     missing_bytes = sum(expected.get(f, 0) for f in missing + partial)
+    from .checkpoint.verified import is_verified
+
     return {
         "kind": "release",
         "shards": len(shards),
         "shards_present": sum(1 for f in shards if f in present),
+        # sha256 checked by `kimi download` (or --verify) and unchanged since
+        "shards_verified": sum(1 for f in shards if f in present and is_verified(root / f)),
         "present": present,
         "missing": meta_missing + missing,
         "incomplete": partial,
@@ -437,7 +441,9 @@ def render_text(report: dict, out: IO) -> None:
             f"files: {f['shards_present']} of {f['shards']} shards present "
             f"({_b(f['bytes_on_disk'])} on disk{total})"
             + (f"; {len(f['missing'])} missing ({_b(f['bytes_missing'])} to download)"
-               if f["missing"] or f["incomplete"] else "; complete"))
+               if f["missing"] or f["incomplete"] else "; complete")
+            + (("; all verified" if f["shards_verified"] == f["shards"] else
+                f"; {f['shards_verified']} verified") if f.get("shards_verified") else ""))
     else:
         lines.append(f"files: pack of {_b(f['bytes_expected'])}, {_b(f['bytes_on_disk'])} on "
                      "disk" + (f"; {len(f['missing'])} missing" if f["missing"] else

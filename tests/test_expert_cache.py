@@ -169,6 +169,37 @@ def test_parse_size():
         parse_size("lots")
 
 
+def test_expert_cache_spellings():
+    from kimi_cli.errors import UsageError
+    from kimi_cli.experts.cache import parse_cache_spec
+
+    assert parse_cache_spec(None) == ("auto", 0)
+    assert parse_cache_spec("auto") == ("auto", 0)
+    assert parse_cache_spec("OFF") == ("off", 0)
+    assert parse_cache_spec("40GB") == ("bytes", 40 * 10**9)
+    assert parse_cache_spec(1234) == ("bytes", 1234)
+    assert parse_cache_spec("25%") == ("memory", 0.25)
+    assert parse_cache_spec("25%memory") == ("memory", 0.25)
+    assert parse_cache_spec("25%experts") == ("experts", 0.25)
+    for bad in ("lots", "0%", "101%experts", "-1GB", "%experts", "25%exp", "0"):
+        with pytest.raises(UsageError, match="--expert-cache"):
+            parse_cache_spec(bad)
+
+
+def test_share_of_experts_sets_the_slots_per_layer():
+    from kimi_cli.experts.cache import make_plan
+
+    args = ModelArgs(
+        hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=10,
+        num_experts_per_tok=3, first_k_dense_replace=1)
+    plan = make_plan(args, "50%experts", mx.float32, 0, 0)
+    assert plan.slots == {1: 5, 2: 5} and plan.share == 0.5 and plan.explicit
+    assert make_plan(args, "100%experts", mx.float32, 0, 0).slots == {}
+    assert make_plan(args, "off", mx.float32, 0, 0).to_dict()["all_layers_fit"]
+    with pytest.raises(KimiError, match="at least 3 experts"):
+        make_plan(args, "20%experts", mx.float32, 0, 0)
+
+
 def test_plan_slots_equal_shares():
     args = ModelArgs(
         hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=10,

@@ -518,8 +518,10 @@ class CachePlan:
 
     def describe(self) -> str:
         per = min(self.slots.values())
-        return (f"kimi: expert cache {fmt_bytes(self.slot_total)} (budget "
-                f"{fmt_bytes(self.budget or 0)}, --expert-cache {self.spec}): {self.share:.0%} "
+        budget = self.budget or 0
+        of = f"budget {fmt_bytes(budget)}, " if budget > 1.01 * self.slot_total else ""
+        return (f"kimi: expert cache {fmt_bytes(self.slot_total)} ({of}--expert-cache "
+                f"{self.spec}): {self.share:.0%} "
                 f"of the experts held ({per} of {self.n_experts} per layer, {len(self.slots)} "
                 f"layers); misses are read from the {self.source}")
 

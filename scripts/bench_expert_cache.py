@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--skews", default="0,2", help="router skews (0 = uniform)")
     ap.add_argument("--source", default="release,pack", help="release, pack or both")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--misses", type=int, default=48)
+    ap.add_argument("--misses", type=int, default=48, help="per miss-path run (0: skip them)")
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--json", default=None)
@@ -205,14 +205,14 @@ def main() -> None:
           f"in a slot; load average {os.getloadavg()[0]:.2f} (shared machine)", flush=True)
     report: dict = {"disk_read_gbps": {}, "misses": {}, "decode": {}}
     first = next(iter(dirs.values()))
-    for rep in range(a.repeats):  # interleave the contenders: a loaded disk hits both alike
+    for rep in range(a.repeats if a.misses else 0):  # interleave: load hits both alike
         order = sources if rep % 2 == 0 else sources[::-1]
         for s in order:
             drop_page_cache(expert_files(first[s]))
             report["disk_read_gbps"].setdefault(s, []).append(raw_read_gbps(expert_files(first[s])))
             r = child("read", first[s], str(rep), a)
             report["misses"].setdefault(s, []).append(r)
-    for s in sources:
+    for s in sources if a.misses else []:
         runs = report["misses"][s]
         each = ", ".join(f"{r['gbps']:.2f}" for r in runs)
         print(f"miss path, {s:7s}: {median([r['gbps'] for r in runs]):.2f} GB/s "

@@ -232,9 +232,12 @@ def run(
             from .loader import load
 
             pinned = _read_profile(pin_experts) if pin_experts else None
+            notes: list[str] = []  # printed after the spinner, not through it
             with _loading(path, quiet or fmt != Format.text, color):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned, log=None if quiet else _err)
+                                pinned=pinned, log=notes.append)
+            for note in notes if not quiet else []:
+                _err(note)
         if agent_opts is not None:
             _run_agent(mdl, tok, text, system, settings, fmt, print_prompt, quiet,
                        "hide" if hide_reasoning else "show", agent_opts, color.value)
@@ -696,8 +699,11 @@ def _load_model(spec: str, color: Color = Color.auto, expert_cache: str | None =
     path = model_dir(spec, quiet=False)
     from .loader import load
 
+    notes: list[str] = []  # printed after the spinner, not through it
     with _loading(path, False, color):
-        mdl, tok = load(path, expert_cache=expert_cache, log=_err)
+        mdl, tok = load(path, expert_cache=expert_cache, log=notes.append)
+    for note in notes:
+        _err(note)
     return mdl, tok, path
 
 

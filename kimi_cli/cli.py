@@ -760,6 +760,9 @@ def bench(
             seed=seed, chunk=chunk, expert_cache=expert_cache, prefetch=not no_prefetch,
             compare=compare)
         opts.validate()
+        from .experts.cache import parse_cache_spec
+
+        parse_cache_spec(expert_cache)  # before any measuring
         kbench.plan_tests(opts.prompts, opts.gens, opts.depths)
         spec = resolve_model(model)
         from .model.scripted import PREFIX

@@ -97,7 +97,8 @@ class ReleaseSource:
     def read_into(self, layer: int, expert: int, dest: dict[str, np.ndarray]) -> int:
         """Read one expert straight into `dest` (region name -> C-contiguous array of the
         tensor's size, e.g. a slot's packed words); missing regions are added as new arrays
-        (packed words as uint32, bf16 scales as their raw 16-bit words). Returns the bytes read, gaps included."""
+        (packed words as uint32, bf16 scales as their raw 16-bit words). Returns the bytes
+        read, gaps included."""
         total = 0
         for run in self.runs[(layer, expert)]:
             views = []

@@ -238,7 +238,9 @@ def main() -> None:
             cells = []
             for s in sources:
                 rs = row[s]
-                cells.append(f"{s}: {median([r['decode_tps'] for r in rs]):.3f} tok/s, hit "
+                cells.append(f"{s}: {median([r['decode_tps'] for r in rs]):.3f} tok/s, stall "
+                             f"{median([r.get('stall_ms_per_token', 0) for r in rs]):.0f} "
+                             f"ms/tok, hit "
                              f"{median([r.get('hit_rate', 1) for r in rs]):.1%}, "
                              f"{median([r.get('gb_read_per_token', 0) for r in rs]):.3f} GB/tok, "
                              f"{median([r.get('read_gbps', 0) for r in rs]):.2f} GB/s, RSS "

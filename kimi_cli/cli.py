@@ -232,6 +232,7 @@ def run(
                        context_limit=context_limit)
     with _errors(debug):
         settings.validate()
+        _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
         text = read_prompt(prompt)
         think_mode = _think_mode(think, hide_reasoning)
@@ -284,6 +285,18 @@ def run(
                 raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
             save_expert_profile.write_text(json.dumps(
                 {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
+
+
+def _check_expert_cache(value: str | None) -> None:
+    """A malformed --expert-cache size is a usage error, found before any model loads."""
+    if value is None or value.strip().lower() == "auto":
+        return
+    from .experts.cache import parse_size
+
+    try:
+        parse_size(value, total=1)
+    except KimiError as e:
+        raise UsageError(f"--expert-cache: {e}") from None
 
 
 def _think_mode(think: Think | None, hide_reasoning: bool) -> str:
@@ -516,7 +529,7 @@ def _quiet_broken_pipe() -> None:
 @app.command()
 def convert(
     src: Annotated[str, typer.Argument(
-        help="Release checkpoint directory or Hub repo id in the HF cache "
+        help="Release checkpoint directory, Hub repo id in the HF cache or `demo` "
              "(with --verify: the pack to check).")],
     dst: Annotated[str | None, typer.Argument(
         help="Pack directory; default: SRC-pack next to SRC, or "
@@ -529,6 +542,10 @@ def convert(
 ) -> None:
     """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
     with _errors(debug):
+        from .checkpoint.demo import DEMO_NAME
+
+        if src == DEMO_NAME and not verify:  # as every other command accepts it
+            src = str(model_dir(src, quiet=True))
         if verify:
             from .experts.pack import open_pack
 
@@ -652,6 +669,7 @@ def chat(
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
+        _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
                                     workspace=workspace, approval=approval,
                                     allow_network=allow_network, context_limit=None)
@@ -930,6 +948,7 @@ def info(
         from .info import info as model_info
         from .info import render_json, render_text
 
+        _check_expert_cache(expert_cache)
         spec = str(model_dir(model, quiet=True)) if model == DEMO_NAME else model
         report = model_info(spec, context=context, expert_cache=expert_cache,
                             bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps)

@@ -79,7 +79,9 @@ def parse_layers(text: str, n_layers: int) -> LayerRange:
         raise UsageError(f"--layers: expected A-B (e.g. 0-30), got {text!r}")
     start = int(m.group(1))
     end = int(m.group(2)) if m.group(2) is not None else start
-    if start > end or end >= n_layers:
+    if start > end:
+        raise UsageError(f"--layers {text}: {start} > {end}; give the first layer first")
+    if end >= n_layers:
         raise UsageError(f"--layers {text}: the model has layers 0-{n_layers - 1}")
     return LayerRange(start, end, n_layers)
 
@@ -482,10 +484,13 @@ def fetch_metadata(repo: str, revision: str | None = None) -> Path:
                         "HF_HUB_OFFLINE is set; unset it, or `kimi download` the model")
     from huggingface_hub import hf_hub_download
 
+    # One quick question first: an unreachable Hub fails at once, as `kimi download` does,
+    # instead of hf_hub_download's retries and their log lines.
+    commit, _ = remote_files(repo, revision)
     path = None
     for name in ("config.json", INDEX_FILE):
         try:
-            path = Path(hf_hub_download(repo, name, revision=revision))
+            path = Path(hf_hub_download(repo, name, revision=commit))
         except Exception as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise

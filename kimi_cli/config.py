@@ -18,6 +18,8 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
 DEFAULT_TOP_K = 0
 DEFAULT_MAX_TOKENS = 32768
+DEMO_MAX_TOKENS = 64  # the demo's random weights: a first run that ends in seconds
+SEED_MAX = 2**64 - 1  # MLX seeds are unsigned 64-bit
 # Context assumed when sizing memory (KV cache) for fit reports and the automatic expert cache.
 FIT_CONTEXT = 32768
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.

@@ -128,8 +128,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
         if ".mlp.experts." in name or "kv_b_proj" in name:
             continue
         value = shards.get(ckpt, name)
-        if not name.endswith("e_score_correction_bias"):
-            value = value.astype(dtype)
+        # The router (gate weight and correction bias) stays float32 on every backend.
+        router = name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
+        value = value.astype(mx.float32 if router else dtype)
         if input_major and value.ndim == 2 and name != "model.embed_tokens.weight":
             value = mx.contiguous(value.T)
         put(name, value)

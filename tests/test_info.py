@@ -204,3 +204,15 @@ def test_info_plans_in_the_dtype_the_loader_computes_in():
     from kimi_cli.loader import default_dtype
 
     assert compute_dtype() == default_dtype()
+
+
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = kimi("info", RELEASE, env=home_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("kimi: error: cannot reach the Hub"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # no "Retrying in 8s" lines before it

@@ -33,6 +33,7 @@ EXPERTS_DIR = "experts"
 # Block stride alignment (a multiple of every page size in use) and region alignment inside it.
 ALIGNMENT = 16384
 REGION_ALIGNMENT = 4096
+CORRUPT_HINT = "; the pack is corrupt: reconvert it with `kimi convert --force`"
 # Release files copied into the pack as they are, when the source has them.
 METADATA_FILES = ("config.json", "generation_config.json", "tiktoken.model",
                   "tokenizer_config.json", "chat_template.jinja")
@@ -232,7 +233,7 @@ class Pack:
                 try:
                     self.read_block(layer, e, buf)
                 except CheckpointError as err:
-                    bad.append(str(err))
+                    bad.append(str(err).removesuffix(CORRUPT_HINT))  # said once, at the end
                 done += self.layout.block_bytes
                 if progress:
                     progress(done, total, time.monotonic() - t0)
@@ -250,8 +251,7 @@ class Pack:
                            f"expected {expected:08x})")
         if bad:
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-            raise CheckpointError("; ".join(bad[:5]) + more + "; the pack is corrupt: "
-                                  "reconvert it with `kimi convert --force`")
+            raise CheckpointError("; ".join(bad[:5]) + more + CORRUPT_HINT)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -271,8 +271,7 @@ class Pack:
         if crc != want:
             raise CheckpointError(
                 f"{entry.file}: layer {layer} expert {expert} fails its checksum "
-                f"(crc32 {crc:08x}, expected {want:08x}); the pack is corrupt: "
-                "reconvert it with `kimi convert --force`")
+                f"(crc32 {crc:08x}, expected {want:08x})" + CORRUPT_HINT)
 
     def _after_read(self, fd: int, expert: int) -> None:
         if not self.page_cache and _FADVISE:

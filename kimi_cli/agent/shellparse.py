@@ -46,7 +46,11 @@ def split_command(command: str) -> list[Segment]:
         raise Unparsable("control or invisible characters")
     parser = _Parser(command)
     parser.sequence(terminator=None)
-    return [s for s in parser.segments if s.words or s.redirects]
+    segments = [s for s in parser.segments if s.words or s.redirects]
+    if any(s.opaque and not (s.words or s.redirects) for s in parser.segments):
+        for s in segments:  # a comment after an operator hides text from every segment
+            s.opaque = True
+    return segments
 
 
 def segment_prefix(words: list[str]) -> tuple[str, ...]:

@@ -233,7 +233,8 @@ PROTECTED_EDITS = [
 ]
 PROTECTED_COMMANDS = ["echo '[core] fsmonitor = x' >> .git/config", "cp notes.txt .git/hooks/post",
                       "git config core.fsmonitor 'touch PWNED'", "tee .envrc < notes.txt",
-                      "sed -i s/a/b/ .vscode/tasks.json"]
+                      "sed -i s/a/b/ .vscode/tasks.json", "echo x >> $(printf .git/config)",
+                      "python3 -c \"open('.git/config', 'a').write('x')\""]
 
 
 def _git_workspace(home):
@@ -334,9 +335,9 @@ def test_json_output_keeps_control_characters_escaped(tmp_path, env):  # noqa: F
         assert not any(c in r.stdout for c in "\x1b\u202e\x9b\r"), fmt
         assert "\\u202e" in r.stdout and "\\u001b[2J" in r.stdout
         docs = [json.loads(line) for line in r.stdout.splitlines()]
-        assert SPOOF in json.dumps(docs, ensure_ascii=False).encode().decode("unicode_escape") \
-            or any(SPOOF == (d.get("arguments") or {}).get("command") for d in docs) \
-            or SPOOF == docs[0]["tool_calls"][0]["arguments"]["command"]
+        calls = ([d for d in docs if d["type"] == "tool_call"] if fmt == "jsonl"
+                 else docs[0]["tool_calls"])
+        assert calls[0]["arguments"]["command"] == SPOOF  # escaped, not changed
 
 
 def test_diffs_and_tool_panels_escape_what_the_model_wrote(home, tokenizer):

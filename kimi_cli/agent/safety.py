@@ -171,14 +171,12 @@ def _kind(mode: int) -> str:
 
 
 def command_protected(command: str, workspace: Path) -> str | None:
-    """Why a command always asks: it writes a protected workspace file (or `git config`)."""
+    """Why a command always asks: it writes a protected workspace file (or `git config`), or
+    names one at all (`python3 -c "open('.git/config', 'w')"`: the parser cannot tell)."""
     try:
         segments = split_command(command)
     except Unparsable:
-        m = re.search(r"(^|[\s/'\"=<>;|&(])(" + "|".join(
-            re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)]|$)",
-                      command)
-        return f"the command mentions {m.group(2)}, a protected file" if m else None
+        segments = []
     cwd: Path | None = workspace
     for seg in segments:
         words = _program(_brace_words(seg))
@@ -192,7 +190,12 @@ def command_protected(command: str, workspace: Path) -> str | None:
                 return why
         if seg.words and seg.words[0] in ("cd", "pushd"):
             cwd = _cd(seg.words[1:], cwd)
-    return None
+    m = _MENTION.search(command)
+    return f"the command names {m.group(2)}, a protected file that can run code" if m else None
+
+
+_MENTION = re.compile(r"(^|[\s/'\"=<>;|&(`])(" + "|".join(
+    re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)`]|$)")
 
 
 def _git_writes_config(args: list[str]) -> bool:

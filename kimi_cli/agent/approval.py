@@ -13,8 +13,8 @@ from enum import Enum
 from typing import IO
 
 from .escape import visible
-from .risk import read_only
-from .shellparse import Unparsable, segment_prefix, split_command
+from .risk import prefix, read_only
+from .shellparse import Unparsable, split_command
 
 
 class Mode(str, Enum):
@@ -72,7 +72,7 @@ def command_prefixes(command: str) -> list[tuple[str, ...]] | None:
         return None
     if not segments or not all(read_only(s) for s in segments):
         return None
-    return list(dict.fromkeys(segment_prefix(s.words) for s in segments))
+    return list(dict.fromkeys(prefix(s.words) for s in segments))
 
 
 def exact_approvable(command: str) -> bool:

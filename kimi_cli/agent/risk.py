@@ -13,7 +13,7 @@ from .shellparse import Segment
 
 _ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?\+?=")
 # Paths a covered command may name: relative, inside the workspace (the cwd), or /dev/null.
-_OUTSIDE = re.compile(r"(^|=)(/|~)|(^|/|=)\.\.(/|$)")
+_OUTSIDE = re.compile(r"(^|=|^-[A-Za-z]+)(/|~)|(^|/|=)\.\.(/|$)")
 
 
 def _no_args(*bad: str) -> Callable[[list[str]], bool]:
@@ -126,6 +126,14 @@ RULES: dict[str, Callable[[list[str]], bool]] = {
     "awk": _awk, "gawk": _awk, "mawk": _awk,
     "git": _git,
 }
+
+
+def prefix(words: list[str]) -> tuple[str, ...]:
+    """What a session approval of a read-only command remembers: the program, and for git its
+    subcommand (`git status` does not approve `git log`)."""
+    if words[0] == "git" and len(words) >= 2:
+        return tuple(words[:2])
+    return tuple(words[:1])
 
 
 def read_only(seg: Segment) -> bool:

@@ -1,9 +1,8 @@
-"""Split a bash command into the simple commands it runs, for approval and the hard-deny list.
+"""Split a bash command into the simple commands it runs (bash's quoting rules, `$(…)` followed),
+for approval and the hard-deny list; what it cannot follow is `Unparsable`, never a guess.
 
-Models bash's quoting (single, double, backslash) and follows `$(…)`, backticks and `<(…)` into
-segments of their own. Anything it cannot follow exactly raises `Unparsable`; words whose value
-is only known at run time (expansions, globs, braces, tildes, substitutions) mark their segment
-`opaque`. Callers ask for both, never assume.
+Words known only at run time (expansions, globs, braces, tildes, substitutions) mark their
+segment `opaque`: callers ask for it.
 """
 
 from __future__ import annotations
@@ -51,13 +50,6 @@ def split_command(command: str) -> list[Segment]:
         for s in segments:  # a comment after an operator hides text from every segment
             s.opaque = True
     return segments
-
-
-def segment_prefix(words: list[str]) -> tuple[str, ...]:
-    """What "approve this prefix" remembers: the program, plus a subcommand (`git status`)."""
-    if len(words) >= 2 and re.fullmatch(r"[A-Za-z][\w.-]*", words[1]):
-        return tuple(words[:2])
-    return tuple(words[:1])
 
 
 class _Parser:

@@ -32,6 +32,7 @@ AGENT_MAX_STEPS = 300
 AGENT_TOOL_OUTPUT_CAP = 20_000  # characters of one tool result the model sees
 AGENT_SHELL_TIMEOUT = 120  # seconds, when the model gives none
 AGENT_SHELL_MAX_TIMEOUT = 1800
+AGENT_GREP_TIMEOUT = 5.0  # seconds for one grep call: Python's re can backtrack for ever
 AGENT_REPEAT_WARN = 3  # identical tool calls in a row: the model is told ...
 AGENT_REPEAT_STOP = 5  # ... and then the run stops
 EXIT_AGENT_STEP_LIMIT = 3  # the agent used --max-steps without answering

@@ -227,8 +227,12 @@ def test_stream_approver_reads_one_answer_per_request():
     reply = StreamApprover(io.StringIO("m\nnot now\n"), io.StringIO())(req)
     assert (reply.choice, reply.message) == (Choice.deny_with_message, "not now")
     assert StreamApprover(io.StringIO(""), io.StringIO())(req).choice is Choice.deny
-    unparsable = Request("functions.shell:1", "shell", "exec", "x", "$ x", None)
+    unparsable = Request("functions.shell:1", "shell", "exec", "cat <<EOF", "$ cat <<EOF", None)
     assert StreamApprover(io.StringIO("a\nn\n"), io.StringIO())(unparsable).choice is Choice.deny
+    err = io.StringIO()
+    runs_code = Request("functions.shell:2", "shell", "exec", "pytest -q", "$ pytest -q", None)
+    assert StreamApprover(io.StringIO("a\n"), err)(runs_code).choice is Choice.session
+    assert "don't ask again this session for this exact command" in err.getvalue()
 
 
 def test_tool_output_never_changes_approval_state(home, tokenizer):

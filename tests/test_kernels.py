@@ -7,6 +7,10 @@ error stays near 1e-6 (asserted: 2e-5). Outputs cast to bf16 add half a bf16 ulp
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -274,3 +278,107 @@ def test_fallback_switch_mlp_is_the_float32_weighted_sum_of_expert_swiglu(monkey
     assert mx.array_equal(y, ref).item()
     # Bias-free storage on the fallback path: biases made on the fly, same bits.
     assert mx.array_equal(dispatch.switch_mlp(x, inds, weights, gate, up, down), y).item()
+
+
+# -- the model on the kernels: bias-free storage, same greedy tokens --------------------------
+
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "kimi")
+KIMI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "kimi_cli.cli"]
+PROMPT = [5, 17, 300, 42, 8, 99, 123, 7, 64, 3, 11, 500, 600, 700, 20, 21, 22, 23, 24, 25, 26]
+
+
+def kimi(*args: str, mode: str, emu_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KIMI_KERNELS": mode, "KIMI_KERNELS_EMU_DIR": str(emu_dir),
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*KIMI, *args], env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+
+
+def greedy(model, steps: int = 12):
+    cache = model.make_cache()
+    logits = model(mx.array([PROMPT]), cache=cache)[:, -1]
+    tokens = []
+    for _ in range(steps):
+        y = mx.argmax(logits, axis=-1)
+        tokens.append(y.item())
+        logits = model(y[:, None], cache=cache)[:, -1]
+    return tokens
+
+
+@needs_cxx
+def test_emulated_kernels_in_the_cli_give_the_fallbacks_greedy_tokens(tiny_ckpt, emu):
+    import json
+
+    runs = {}
+    for mode in ("mlx", "emu"):
+        r = kimi("run", "--model", str(tiny_ckpt), "hi", "-t", "0", "-n", "16", "--format",
+                 "json", mode=mode, emu_dir=emu.cache_dir)
+        assert r.returncode == 0, r.stderr
+        runs[mode] = json.loads(r.stdout)["token_ids"]
+    assert runs["emu"] == runs["mlx"] and len(runs["mlx"]) == 16
+
+
+def test_bad_kernel_mode_is_a_usage_error_in_the_cli(tiny_ckpt, tmp_path):
+    r = kimi("run", "--model", str(tiny_ckpt), "hi", "-n", "1", mode="cuda", emu_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "kimi: error: KIMI_KERNELS='cuda': use one of auto, mlx, metal, emu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tiny_ckpt, tmp_path_factory):
+    from kimi_cli.experts.convert import convert
+
+    dst = tmp_path_factory.mktemp("packs") / "tiny-pack"
+    convert(tiny_ckpt, dst)
+    return dst
+
+
+def test_fallback_storage_holds_biases(tiny_ckpt, monkeypatch):
+    from mlx.utils import tree_flatten
+
+    import kimi_cli
+
+    monkeypatch.setenv(dispatch.ENV, "mlx")
+    model, _ = kimi_cli.load(tiny_ckpt)
+    assert any(k.endswith(".experts.gate_proj.biases")
+               for k, _ in tree_flatten(model.parameters()))
+
+
+@needs_cxx
+def test_kernels_store_experts_without_biases_resident_and_in_cache_slots(
+        tiny_ckpt, tiny_pack, emu, monkeypatch):
+    from mlx.utils import tree_flatten
+
+    import kimi_cli
+    from kimi_cli.experts.cache import slot_nbytes
+    from kimi_cli.loader import default_dtype
+
+    monkeypatch.setenv(dispatch.ENV, "mlx")
+    model, _ = kimi_cli.load(tiny_ckpt)
+    reference = greedy(model)
+    biased = slot_nbytes(model.args, default_dtype())
+
+    monkeypatch.setenv(dispatch.ENV, "emu")
+    monkeypatch.setenv("KIMI_KERNELS_EMU_DIR", str(emu.cache_dir))
+    model, _ = kimi_cli.load(tiny_ckpt)
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    assert any(".experts.gate_proj.scales" in k for k in names)
+    assert not any("biases" in k for k in names)
+    assert greedy(model) == reference
+
+    args = model.args
+    free = slot_nbytes(args, default_dtype())
+    group = args.group_size
+    scales = sum(r * (c // group) for r, c in
+                 ((args.moe_intermediate_size, args.hidden_size),) * 2
+                 + ((args.hidden_size, args.moe_intermediate_size),)) * default_dtype().size
+    assert biased - free == scales  # exactly the biases, as large as the scales
+    moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+    streamed, _ = kimi_cli.load(tiny_pack, expert_cache=4 * moe_layers * free)  # 4 slots a layer
+    assert set(streamed.expert_cache.stats.slots.values()) == {4}
+    pools = streamed.expert_cache.pools
+    assert pools and all(not any("biases" in k for k in p.arrays) for p in pools.values())
+    assert all(p.nbytes == p.capacity * free for p in pools.values())
+    assert greedy(streamed) == reference
+    streamed.expert_cache.close()

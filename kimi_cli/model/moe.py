@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_kernels import QuantizedWeight, switch_mlp
+from mlx_kernels import QuantizedWeight, needs_biases, switch_mlp
 
 from .args import ModelArgs
 from .linear import Linear
@@ -67,12 +67,14 @@ class RoutedExperts(nn.Module):
             setattr(self, name, {
                 "weight": mx.zeros((E, out, inp // 8), mx.uint32),
                 "scales": mx.zeros((E, out, inp // self.group_size)),
-                "biases": mx.zeros((E, out, inp // self.group_size)),
+                # Only the gather_qmm fallback reads biases; the Metal kernels know the offset.
+                **({"biases": mx.zeros((E, out, inp // self.group_size))}
+                   if needs_biases() else {}),
             })
 
     def _w(self, name: str) -> QuantizedWeight:
         d = getattr(self, name)
-        return QuantizedWeight(d["weight"], d["scales"], d["biases"])
+        return QuantizedWeight(d["weight"], d["scales"], d.get("biases"))
 
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         return switch_mlp(x, inds, weights, self._w("gate_proj"), self._w("up_proj"),

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--model", type=Path, help="a synthetic io-preset checkpoint (or any)")
     ap.add_argument("--build", type=Path,
-                    help="write the io-preset checkpoint here first (about 2 GB)")
+                    help="write the io-preset checkpoint here first (1.7 GB)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--emu", action="store_true",

@@ -11,12 +11,17 @@ from collections.abc import Iterable
 
 import mlx.core as mx
 
-from .experts import QuantizedWeight, combine, expert_swiglu
+from .experts import SORT_MIN_ROWS, QuantizedWeight, combine, expert_swiglu
 
 # auto: the kernels on Metal, the fallback elsewhere; mlx: always the fallback; metal: the
 # kernels or an error; emu: the kernels' C++ emulation on the CPU (tests only: slow).
 ENV = "KIMI_KERNELS"
 MODES = ("auto", "mlx", "metal", "emu")
+# Prefill with the kernels active: "kernels" (the sorted-window kernels) or "qmm" (gather_qmm with
+# biases made on the fly from the scales: one pass over them per layer and chunk, storage stays
+# bias-free). Which is faster on a Mac is for scripts/bench_kernels.py to say.
+PREFILL_ENV = "KIMI_KERNELS_PREFILL"
+PREFILL_PATHS = ("kernels", "qmm")
 
 
 class KernelsUnavailable(RuntimeError):
@@ -45,7 +50,9 @@ def kernels_active() -> bool:
 
 
 def needs_biases() -> bool:
-    """Whether expert storage must hold MLX's affine biases (-8 * scale): only for the fallback."""
+    """Whether expert storage must hold MLX's affine biases (-8 * scale): only for the fallback.
+    Asked at load time, so both settings are checked then."""
+    prefill_path()
     return not kernels_active()
 
 
@@ -59,6 +66,13 @@ def expert_bytes(shapes: Iterable[tuple[int, int]], group_size: int, scale_bytes
     for rows, cols in shapes:
         total += rows * cols // 2 + (2 if biases else 1) * rows * (cols // group_size) * scale_bytes
     return total
+
+
+def prefill_path() -> str:
+    path = os.environ.get(PREFILL_ENV, "kernels").strip().lower() or "kernels"
+    if path not in PREFILL_PATHS:
+        raise KernelsUnavailable(f"{PREFILL_ENV}={path!r}: use one of {', '.join(PREFILL_PATHS)}")
+    return path
 
 
 @functools.cache
@@ -81,5 +95,7 @@ def switch_mlp(x: mx.array, inds: mx.array, weights: mx.array, gate: QuantizedWe
             raise ValueError(f"the int4 kernels take group size 32, not {group_size}")
         from .kernels import switch_mlp as fused
 
+        if inds.size >= SORT_MIN_ROWS and prefill_path() == "qmm":
+            return combine(expert_swiglu(x, inds, gate, up, down, group_size), weights)
         return fused(_launcher(kernel_mode()), x, inds, weights, gate, up, down)
     return combine(expert_swiglu(x, inds, gate, up, down, group_size), weights)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,8 +36,14 @@ DECODE_DOWN_ROWS = Tiling(window=0, rows=4, simdgroups=2)  # window = k
 PREFILL = Tiling(window=8, rows=2, simdgroups=2)
 
 
+@functools.lru_cache(maxsize=256)
+def _dims(*dims: int) -> mx.array:
+    # Made once per shape: not a host-to-device copy per layer and token.
+    return mx.array(dims, mx.uint32)
+
+
 def _run(launch: Launch, kernel: Kernel, inputs: list[mx.array], template: list, n_out: int,
-         n_rows: int, tiling: Tiling, out_shape: tuple[int, ...], out_dtype: mx.Dtype,
+         tiling: Tiling, out_shape: tuple[int, ...], out_dtype: mx.Dtype,
          windows: int) -> mx.array:
     per_group = tiling.rows * tiling.simdgroups
     threads = SIMD * tiling.simdgroups
@@ -53,10 +60,10 @@ def gate_up_swiglu(launch: Launch, x: mx.array, gate: QuantizedWeight, up: Quant
     """x [N, D], slots/tokens [R] (uint32) -> act [R, M] float32: silu(gate x) * up x per row."""
     R, D = slots.shape[0], x.shape[-1]
     M = gate.weight.shape[-2]
-    dims = mx.array([R, M, D], mx.uint32)
+    dims = _dims(R, M, D)
     inputs = [x, gate.weight, gate.scales, up.weight, up.scales, slots, tokens, dims]
     template = [("T", x.dtype), ("S", gate.scales.dtype)]
-    return _run(launch, GATE_UP, inputs, template, M, R, tiling, (R, M), mx.float32,
+    return _run(launch, GATE_UP, inputs, template, M, tiling, (R, M), mx.float32,
                 -(-R // tiling.window))
 
 
@@ -66,13 +73,13 @@ def down_combine(launch: Launch, act: mx.array, down: QuantizedWeight, slots: mx
     out_dtype) when `combine`, else one float32 row per expert row ([R, D])."""
     R, M = act.shape
     D = down.weight.shape[-2]
-    dims = mx.array([R, D, M], mx.uint32)
+    dims = _dims(R, D, M)
     inputs = [act, down.weight, down.scales, slots, weights.astype(mx.float32), dims]
     template = [("O", out_dtype if combine else mx.float32), ("S", down.scales.dtype),
                 ("SUM", bool(combine))]
     windows = -(-R // tiling.window)
     shape = (windows, D) if combine else (R, D)
-    return _run(launch, DOWN, inputs, template, D, R, tiling, shape,
+    return _run(launch, DOWN, inputs, template, D, tiling, shape,
                 out_dtype if combine else mx.float32, windows)
 
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_kernels import combine, expert_bytes, expert_swiglu
-from mlx_kernels.experts import QuantizedWeight
+from mlx_kernels.experts import SORT_MIN_ROWS, QuantizedWeight
 from mlx_kernels.kernels import switch_mlp
 
 HIDDEN, INTER, TOP_K, GROUP = 7168, 2048, 8, 32
@@ -64,6 +64,9 @@ def bench_layer(tokens: list[int], slots: int, repeats: int, launch, dtype: mx.D
         used = len(np.unique(np.array(inds)))
         paths = {"gather_qmm": (lambda x=x, inds=inds, w=w: combine(
             expert_swiglu(x, inds, *experts, GROUP), w), per_biased)}
+        if n * TOP_K >= SORT_MIN_ROWS:  # KIMI_KERNELS_PREFILL=qmm: biases made per call
+            paths["qmm_fly"] = (lambda x=x, inds=inds, w=w: combine(
+                expert_swiglu(x, inds, *free, GROUP), w), per_release)
         if launch is not None:
             paths["kernels"] = (lambda x=x, inds=inds, w=w: switch_mlp(launch, x, inds, w, *free),
                                 per_release)

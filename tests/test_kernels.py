@@ -382,3 +382,17 @@ def test_kernels_store_experts_without_biases_resident_and_in_cache_slots(
     assert all(p.nbytes == p.capacity * free for p in pools.values())
     assert greedy(streamed) == reference
     streamed.expert_cache.close()
+
+
+def test_prefill_through_gather_qmm_with_biases_made_on_the_fly(monkeypatch):
+    # KIMI_KERNELS_PREFILL=qmm: bias-free storage, prefill-sized calls on gather_qmm (bit for bit
+    # the fallback), decode-sized calls still on the kernels.
+    x, inds, weights, gate, up, down = case(11, 96, 64, 4, 2, 40)
+    monkeypatch.setenv(dispatch.ENV, "mlx")
+    expect = dispatch.switch_mlp(x, inds, weights, gate, up, down)
+    monkeypatch.setenv(dispatch.ENV, "emu")
+    monkeypatch.setenv(dispatch.PREFILL_ENV, "qmm")
+    assert mx.array_equal(dispatch.switch_mlp(x, inds, weights, gate, up, down), expect).item()
+    monkeypatch.setenv(dispatch.PREFILL_ENV, "fast")
+    with pytest.raises(dispatch.KernelsUnavailable, match="KIMI_KERNELS_PREFILL='fast'"):
+        dispatch.switch_mlp(x, inds, weights, gate, up, down)

@@ -85,11 +85,13 @@ def down_combine(launch: Launch, act: mx.array, down: QuantizedWeight, slots: mx
 
 def switch_mlp(launch: Launch, x: mx.array, inds: mx.array, weights: mx.array,
                gate: QuantizedWeight, up: QuantizedWeight, down: QuantizedWeight,
-               sort: bool | None = None) -> mx.array:
+               sort: bool | None = None, decode: tuple[Tiling, Tiling] | None = None,
+               prefill: Tiling = PREFILL) -> mx.array:
     """x [B, L, D], inds/weights [B, L, k] -> sum_j weights_j * expert_{inds_j}(x): [B, L, D].
 
     Biases, if the weights carry any, are not read. Few rows take the decode kernels (one row
     per expert, the k experts summed in the down kernel); many rows are sorted by expert first.
+    `decode` (gate/up and down tilings) and `prefill` override the tilings (the bench sweeps them).
     """
     B, L, D = x.shape
     k = inds.shape[-1]
@@ -101,14 +103,15 @@ def switch_mlp(launch: Launch, x: mx.array, inds: mx.array, weights: mx.array,
         sort = R >= SORT_MIN_ROWS
     if not sort:
         tokens = mx.arange(R, dtype=mx.uint32) // k
-        act = gate_up_swiglu(launch, x2, gate, up, flat, tokens, DECODE_GATE_UP)
-        tiling = Tiling(k, DECODE_DOWN_ROWS.rows, DECODE_DOWN_ROWS.simdgroups)
+        tile_a, tile_b = decode or (DECODE_GATE_UP, DECODE_DOWN_ROWS)
+        act = gate_up_swiglu(launch, x2, gate, up, flat, tokens, tile_a)
+        tiling = Tiling(k, tile_b.rows, tile_b.simdgroups)
         y = down_combine(launch, act, down, flat, w, tiling, True, x.dtype)
         return y.reshape(B, L, D)
     order = mx.argsort(flat)
     slots = flat[order]
     tokens = (order // k).astype(mx.uint32)
-    act = gate_up_swiglu(launch, x2, gate, up, slots, tokens, PREFILL)
-    rows = down_combine(launch, act, down, slots, w[order], PREFILL, False, mx.float32)
+    act = gate_up_swiglu(launch, x2, gate, up, slots, tokens, prefill)
+    rows = down_combine(launch, act, down, slots, w[order], prefill, False, mx.float32)
     y = rows[mx.argsort(order)].reshape(N, k, D).sum(axis=1)
     return y.astype(x.dtype).reshape(B, L, D)

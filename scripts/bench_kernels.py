@@ -20,7 +20,7 @@ import numpy as np
 
 from mlx_kernels import combine, expert_bytes, expert_swiglu
 from mlx_kernels.experts import SORT_MIN_ROWS, QuantizedWeight
-from mlx_kernels.kernels import switch_mlp
+from mlx_kernels.kernels import Tiling, switch_mlp
 
 HIDDEN, INTER, TOP_K, GROUP = 7168, 2048, 8, 32
 SHAPES = [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -79,6 +79,25 @@ def bench_layer(tokens: list[int], slots: int, repeats: int, launch, dtype: mx.D
     return rows
 
 
+def sweep(slots: int, repeats: int, launch, dtype: mx.Dtype) -> list[dict]:
+    """Decode (one token) at several tilings: output rows per simdgroup x simdgroups per group."""
+    gate, up, down = [q._replace(biases=None) for q in layer(slots, dtype)]
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.standard_normal((1, 1, HIDDEN)).astype(np.float32)).astype(dtype)
+    inds = mx.array(rng.choice(slots, TOP_K, replace=False).astype(np.uint32)).reshape(1, 1, TOP_K)
+    w = mx.array(rng.random((1, 1, TOP_K)).astype(np.float32))
+    per_release = expert_bytes(SHAPES, GROUP, dtype.size, biases=False)
+    rows = []
+    for r in (1, 2, 4, 8):
+        for sg in (1, 2, 4, 8):
+            tiles = (Tiling(1, r, sg), Tiling(0, r, sg))
+            t = timed(lambda tiles=tiles: switch_mlp(launch, x, inds, w, gate, up, down,
+                                                     decode=tiles), repeats)
+            rows.append({"rows": r, "simdgroups": sg, "ms": 1e3 * t,
+                         "gbps": TOP_K * per_release / t / 1e9})
+    return rows
+
+
 def kimi_bench(model: Path, mode: str, prompt: int, gen: int, repeats: int) -> dict:
     env = {**os.environ, "KIMI_KERNELS": mode}
     kimi = [sys.executable, "-m", "kimi_cli.cli"]
@@ -107,6 +126,8 @@ def main() -> None:
     ap.add_argument("--emu", action="store_true",
                     help="off Metal: run the kernels' C++ emulation (a functional check; its "
                          "times mean nothing)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time decode at 16 tilings (rows per simdgroup x simdgroups)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     a = ap.parse_args()
 
@@ -125,6 +146,9 @@ def main() -> None:
     tokens = [int(t) for t in a.tokens.split(",")]
     report = {"metal": metal, "device": str(mx.default_device()), "dtype": str(dtype),
               "slots": a.slots, "layer": bench_layer(tokens, a.slots, a.repeats, launch, dtype)}
+
+    if a.sweep and launch is not None:
+        report["decode_tilings"] = sweep(a.slots, a.repeats, launch, dtype)
 
     model = a.model
     if a.build is not None:
@@ -147,6 +171,9 @@ def main() -> None:
     for r in report["layer"]:
         print(f"{r['path']:<11}{r['tokens']:>7}{r['experts_touched']:>8}{r['ms']:>10.3f}"
               f"{r['gbps']:>8.1f}{r['release_gbps']:>14.1f}")
+    for r in report.get("decode_tilings", []):
+        print(f"decode tiling rows={r['rows']} simdgroups={r['simdgroups']}: "
+              f"{r['ms']:.3f} ms, {r['gbps']:.1f} GB/s")
     if "model" in report:
         m = report["model"]
         for name in ("gather_qmm", "kernels"):

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from . import config
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
-from .errors import CheckpointError
+from .errors import CheckpointError, KimiError, UsageError
 from .experts.cache import parse_cache_spec
 from .model import Model
 from .tokenizer import Tokenizer
@@ -108,6 +108,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
     `source` (an `experts.cache.ExpertSource`: the release shards or the pack)."""
     args = ckpt.args
     slots = slots or {}
+    _expert_biases()  # a bad KIMI_KERNELS is a usage error before anything is built
     if input_major is None:
         input_major = mx.default_device() == mx.cpu
     model = Model(args, input_major)
@@ -216,5 +217,17 @@ def stack_experts(ckpt: Checkpoint, shards: _Shards, layer: int,
         s = mx.stack(scales).astype(dtype)
         out[f"{proj}.weight"] = mx.stack(packed).view(mx.uint32)
         out[f"{proj}.scales"] = s
-        out[f"{proj}.biases"] = -8 * s
+        if _expert_biases():
+            out[f"{proj}.biases"] = -8 * s
     return out
+
+
+def _expert_biases() -> bool:
+    """Whether routed experts are stored with MLX's biases (the gather_qmm fallback) or
+    bias-free, as released (the Metal kernels: `mlx_kernels.needs_biases`)."""
+    from mlx_kernels.dispatch import KernelsUnavailable, needs_biases
+
+    try:
+        return needs_biases()
+    except KernelsUnavailable as e:
+        raise UsageError(str(e)) from None

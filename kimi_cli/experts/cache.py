@@ -108,11 +108,11 @@ class CacheStats:
 
 
 def slot_nbytes(args: ModelArgs, dtype: mx.Dtype) -> int:
-    """Bytes one expert occupies in a slot: packed words, then scales and biases in `dtype`."""
-    total = 0
-    for rows, cols in expert_shapes(args).values():
-        total += rows * cols // 2 + 2 * rows * (cols // args.group_size) * dtype.size
-    return total
+    """Bytes one expert occupies in a slot: packed words, then scales (and, for the gather_qmm
+    fallback only, biases) in `dtype`. On Metal the kernels need no biases: the release's bytes."""
+    from mlx_kernels import expert_bytes
+
+    return expert_bytes(expert_shapes(args).values(), args.group_size, dtype.size)
 
 
 def fmt_bytes(n: float) -> str:
@@ -149,11 +149,14 @@ class LayerPool:
         self.capacity = capacity
         self.dtype = dtype
         gs = args.group_size
+        from mlx_kernels import needs_biases
+
         self.arrays: dict[str, mx.array] = {}
         for proj, (rows, cols) in expert_shapes(args).items():
             self.arrays[f"{proj}.weight"] = mx.zeros((capacity, rows, cols // 8), mx.uint32)
             self.arrays[f"{proj}.scales"] = mx.zeros((capacity, rows, cols // gs), dtype)
-            self.arrays[f"{proj}.biases"] = mx.zeros((capacity, rows, cols // gs), dtype)
+            if needs_biases():  # only the gather_qmm fallback reads them
+                self.arrays[f"{proj}.biases"] = mx.zeros((capacity, rows, cols // gs), dtype)
         mx.eval(list(self.arrays.values()))
         # Writable host views of the evaluated buffers (unified memory on Apple silicon).
         self.views = {k: np.array(v, copy=False) for k, v in self.arrays.items()}
@@ -166,9 +169,12 @@ class LayerPool:
             if self.dtype == mx.float32:
                 s = (s16.astype(np.uint32) << 16).view(np.float32)
                 self.views[f"{proj}.scales"][slot] = s
-                np.multiply(s, -8.0, out=self.views[f"{proj}.biases"][slot])
+                if f"{proj}.biases" in self.views:
+                    np.multiply(s, -8.0, out=self.views[f"{proj}.biases"][slot])
             else:  # bf16 pools: copy the bits; -8*s is exact in bf16 (exponent + 3)
                 self.views[f"{proj}.scales"][slot].view(np.uint16)[...] = s16
+                if f"{proj}.biases" not in self.views:
+                    continue
                 s = (s16.astype(np.uint32) << 16).view(np.float32) * -8.0
                 self.views[f"{proj}.biases"][slot].view(np.uint16)[...] = (
                     s.view(np.uint32) >> 16).astype(np.uint16)

@@ -293,15 +293,10 @@ def run(
 
 
 def _check_expert_cache(value: str | None) -> None:
-    """A malformed --expert-cache size is a usage error, found before any model loads."""
-    if value is None or value.strip().lower() == "auto":
-        return
-    from .experts.cache import parse_size
+    """A malformed --expert-cache value is a usage error, found before any model loads."""
+    from .experts.cache import parse_cache_spec
 
-    try:
-        parse_size(value, total=1)
-    except KimiError as e:
-        raise UsageError(f"--expert-cache: {e}") from None
+    parse_cache_spec(value)
 
 
 def _think_mode(think: Think | None, hide_reasoning: bool) -> str:

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from . import config
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
-from .errors import CheckpointError, KimiError, UsageError
+from .errors import CheckpointError, UsageError
 from .experts.cache import parse_cache_spec
 from .model import Model
 from .tokenizer import Tokenizer

@@ -506,6 +506,10 @@ class _errors:
             return False
         if self.debug:
             return False
+        from mlx_kernels.dispatch import KernelsUnavailable
+
+        if isinstance(exc, KernelsUnavailable):  # KIMI_KERNELS asks for what cannot run here
+            exc = UsageError(str(exc))
         if isinstance(exc, KimiError):
             _err(f"kimi: error: {exc}")
             raise typer.Exit(exc.exit_code)

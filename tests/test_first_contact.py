@@ -161,7 +161,7 @@ def test_a_malformed_expert_cache_size_is_a_usage_error(env):
     for command in (("run", "-m", "demo", "hi"), ("info", "demo")):
         r = kimi(*command, "--expert-cache", "10XB", env=env)
         assert r.returncode == 2, r.stderr
-        assert one_error_line(r).startswith("--expert-cache: bad size '10XB'")
+        assert one_error_line(r).startswith("--expert-cache '10XB': use a size")
 
 
 def test_layers_given_backwards_say_so(env):

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from . import config
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
-from .errors import CheckpointError, KimiError
+from .errors import CheckpointError, KimiError, UsageError
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -222,8 +222,6 @@ def _expert_biases() -> bool:
     """Whether routed experts are stored with MLX's biases (the gather_qmm fallback) or
     bias-free, as released (the Metal kernels: `mlx_kernels.needs_biases`)."""
     from mlx_kernels.dispatch import KernelsUnavailable, needs_biases
-
-    from .errors import UsageError
 
     try:
         return needs_biases()

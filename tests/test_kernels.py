@@ -325,6 +325,19 @@ def test_bad_kernel_mode_is_a_usage_error_in_the_cli(tiny_ckpt, tmp_path):
         "kimi: error: KIMI_KERNELS='cuda': use one of auto, mlx, metal, emu"]
 
 
+def test_info_fit_report_counts_bias_free_slots_when_the_kernels_run(tiny_ckpt, tmp_path):
+    import json
+
+    fits = {}
+    for mode in ("mlx", "emu"):
+        r = kimi("info", str(tiny_ckpt), "--format", "json", mode=mode, emu_dir=tmp_path)
+        assert r.returncode == 0, r.stderr
+        fits[mode] = json.loads(r.stdout)["fit"]
+    # tiny: 64 x 32 experts in float32 on the CPU: 768 B of biases per expert, 10 experts x 2 layers
+    assert fits["mlx"]["expert_slot_bytes"] - fits["emu"]["expert_slot_bytes"] == 768
+    assert fits["mlx"]["experts_bytes"] - fits["emu"]["experts_bytes"] == 768 * 10 * 2
+
+
 @pytest.fixture(scope="module")
 def tiny_pack(tiny_ckpt, tmp_path_factory):
     from kimi_cli.experts.convert import convert

@@ -20,7 +20,7 @@ from .shellparse import Unparsable, split_command
 class Mode(str, Enum):
     ask = "ask"  # file edits and commands ask
     auto_edit = "auto-edit"  # file edits in the workspace run; commands ask
-    yolo = "yolo"  # everything runs (the hard-deny list and the sandbox still apply)
+    yolo = "yolo"  # everything runs (the hard-deny list, protected files and the sandbox apply)
 
 
 class Choice(str, Enum):

@@ -87,7 +87,7 @@ def _awk(args: list[str]) -> bool:
                                                  r"fflush|ENVIRON|PROCINFO", program)
 
 
-_GIT_READ = {"status", "log", "diff", "show", "ls-files", "rev-parse", "blame", "describe",
+GIT_READ = {"status", "log", "diff", "show", "ls-files", "rev-parse", "blame", "describe",
              "shortlog", "ls-tree", "cat-file", "reflog"}
 # Options of those that run programs (external diff drivers, text filters, pagers) or write.
 _GIT_BAD = _no_args("--output", "--ext-diff", "--textconv", "--open-files-in-pager", "-O",
@@ -96,7 +96,7 @@ _GIT_BAD = _no_args("--output", "--ext-diff", "--textconv", "--open-files-in-pag
 
 def _git(args: list[str]) -> bool:
     # Global options (-c, -C, --git-dir, --exec-path …) come before the subcommand: none covered.
-    return bool(args) and args[0] in _GIT_READ and _GIT_BAD(args[1:]) and \
+    return bool(args) and args[0] in GIT_READ and _GIT_BAD(args[1:]) and \
         not (args[0] == "reflog" and len(args) > 1 and args[1] not in ("show", "--all"))
 
 

@@ -15,6 +15,7 @@ import re
 import stat
 from pathlib import Path
 
+from .risk import GIT_READ
 from .shellparse import SUBSTITUTION, Segment, Unparsable, split_command
 
 
@@ -450,7 +451,8 @@ def _writer_targets(name: str, words: list[str]) -> list[str]:
             elif words[i].startswith(("--git-dir=", "--work-tree=")):
                 out.append(words[i].split("=", 1)[1])
             i += 1
-        return out
+        reads = i < len(words) and words[i] in GIT_READ and "-c" not in words[1:i]
+        return [] if reads else out  # `git -C ../other log` only reads
     return []
 
 

@@ -375,3 +375,25 @@ def test_session_files_are_private_in_private_directories(tmp_path, monkeypatch)
 def test_describe_names_what_the_sandbox_allows():
     assert "NONE" in Sandbox("none", bypass=True).describe()
     assert "no network" in Sandbox("bubblewrap").describe()
+
+
+def test_kv_caches_and_the_input_history_are_private(tmp_path, monkeypatch, tiny_ckpt):
+    from kimi_cli.chat.reply import generate_reply
+    from kimi_cli.engine import Engine, SamplingSettings
+    from kimi_cli.loader import load
+    from kimi_cli.sessions import model_fingerprint, save_kv, sessions_dir
+    from kimi_cli.ui.input import PromptReader, history_path
+
+    monkeypatch.setenv("KIMI_MLX_HOME", str(tmp_path / "kimi"))
+    monkeypatch.delenv("KIMI_NO_HISTORY", raising=False)
+    model, tok = load(tiny_ckpt)
+    engine = Engine(model, tok)
+    generate_reply(engine, tok, tok.encode("hello"), SamplingSettings(temperature=0, max_tokens=2))
+    kv = sessions_dir() / "s.kv.safetensors"
+    save_kv(kv, engine, model_fingerprint(model))
+    assert stat.S_IMODE(kv.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kv.parent.stat().st_mode) == 0o700
+    PromptReader().session.history.store_string("my password is hunter2")
+    assert "hunter2" in history_path().read_text()
+    assert stat.S_IMODE(history_path().stat().st_mode) == 0o600
+    assert stat.S_IMODE(history_path().parent.stat().st_mode) == 0o700

@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,8 @@ def bwrap_works() -> bool:
     if exe is None:
         return False
     try:
-        probe = subprocess.run(bwrap_argv(["true"], Path("/"), False, ()), capture_output=True,
-                               timeout=10, stdin=subprocess.DEVNULL)
+        probe = subprocess.run(bwrap_argv(["true"], Path(tempfile.gettempdir()), False, ()),
+                               capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -219,6 +220,10 @@ def seatbelt_profile(workspace: Path, allow_network: bool,
              "(deny file-read* file-write* (subpath \"/Users\"))",
              *(f"(deny file-read* file-write* (subpath {q(h)}))" for h in homes()),
              "(allow file-read* " + " ".join(f"(subpath {q(p)})" for p in readable) + ")",
+             # Their parents may be looked at (getcwd, realpath), not listed or read.
+             "(allow file-read-metadata " + " ".join(
+                 f"(literal {q(a)})" for a in sorted({str(a) for p in readable
+                                                     for a in p.parents})) + ")",
              "(deny file-write*)",
              "(allow file-write* " + " ".join(f"(subpath {q(p)})" for p in writable),
              '    (subpath "/private/tmp") (subpath "/private/var/folders")',
@@ -228,12 +233,10 @@ def seatbelt_profile(workspace: Path, allow_network: bool,
                          "/private/etc/sudoers", "/private/etc/sudoers.d",
                          "/private/etc/master.passwd", "/private/var/db/sudo"))]
     if allow_network:
-        # Network yes, but no host Unix sockets (ssh-agent, docker...) except DNS's and the
-        # workspace's own.
+        # Network yes, but no host Unix sockets (ssh-agent, docker...) except DNS's.
         lines += ["(deny network-outbound (remote unix-socket))",
                   "(allow network-outbound (remote unix-socket (path-literal "
-                  '"/private/var/run/mDNSResponder")))',
-                  f"(allow network-outbound (remote unix-socket (subpath {q(workspace)})))"]
+                  '"/private/var/run/mDNSResponder")))']
     else:
         lines.append("(deny network*)")
     return "\n".join(lines)

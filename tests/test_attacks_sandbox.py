@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_chat_pty
 from agent_script import answer, call, step
 from test_cli import KIMI, assert_one_error_line, kimi
 
@@ -297,6 +298,26 @@ def test_host_unix_sockets_are_unreachable_from_the_sandbox(home, env, flags):
             s.close()
         path.unlink()
     assert "connected" not in out and out.count("refused") == 2
+
+
+shared_cache = test_chat_pty.shared_cache
+term_factory = test_chat_pty.term_factory
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_agent_on_in_a_chat_started_in_the_home_directory_is_refused(tmp_path, shared_cache,
+                                                                    term_factory):
+    e = {k: v for k, v in os.environ.items() if k not in ("KIMI_MODEL", "KIMI_MLX_HOME")}
+    for var in ("XDG_STATE_HOME", "XDG_CONFIG_HOME", "HF_HOME"):
+        (tmp_path / var).mkdir()
+        e[var] = str(tmp_path / var)
+    e.update(XDG_CACHE_HOME=str(shared_cache), HF_HUB_OFFLINE="1", TERM="xterm-256color",
+             HOME=os.getcwd(), KIMI_NO_HISTORY="1")  # the chat's workspace is the home
+    t = term_factory(["chat", "--model", test_chat_pty.script(tmp_path, [answer("hi")])], e)
+    t.prompt_ready(1)
+    t.line("/agent on")
+    t.wait_for("/agent:")
+    assert "is or contains the home directory" in t.text() and "agent mode on" not in t.text()
 
 
 def test_a_workspace_holding_the_homes_secrets_is_refused(home, env):

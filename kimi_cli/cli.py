@@ -149,6 +149,23 @@ ApprovalOpt = Annotated[Approval | None, typer.Option(
         "denied), auto-edit (file edits run, commands ask) or yolo.")]
 AllowNetworkOpt = Annotated[bool, typer.Option(
         "--allow-network", help="Agent: let sandboxed shell commands use the network.")]
+SandboxAllowOpt = Annotated[list[str] | None, typer.Option(
+        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: also show commands this path "
+        "(read-only unless :rw), e.g. ~/.local:ro for tools installed there. Repeatable.")]
+EnvOpt = Annotated[list[str] | None, typer.Option(
+        "--env", metavar="NAME[=VALUE]", help="Agent: pass this variable (kimi's value, or "
+        "VALUE) to commands, which otherwise get only PATH, HOME, locale, TERM, TZ and a few "
+        "more. Repeatable.")]
+NoSandboxOpt = Annotated[bool, typer.Option(
+        "--no-sandbox", help="Agent: run commands unsandboxed (approval is then the only "
+        "protection; not with --approval yolo).")]
+BypassOpt = Annotated[bool, typer.Option(
+        "--dangerously-bypass-approvals-and-sandbox", help="Agent: run every command without "
+        "asking and without a sandbox, with all your files, keys and network. For throwaway "
+        "machines only.")]
+MaxCommandTimeoutOpt = Annotated[float | None, typer.Option(
+        "--max-command-timeout", metavar="SECONDS", help=f"Agent: the longest a command may "
+        f"run (default {config.AGENT_SHELL_MAX_TIMEOUT:g} s).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")]
 # Sampling flags of run and chat (chat's defaults come from the resumed session, if any).
 TEMPERATURE_HELP = "Sampling temperature; 0 always picks the most likely token (greedy)."
@@ -217,6 +234,11 @@ def run(
     workspace: WorkspaceOpt = None,
     approval: ApprovalOpt = None,
     allow_network: AllowNetworkOpt = False,
+    sandbox_allow: SandboxAllowOpt = None,
+    env: EnvOpt = None,
+    no_sandbox: NoSandboxOpt = False,
+    dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
+    max_command_timeout: MaxCommandTimeoutOpt = None,
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
@@ -231,7 +253,10 @@ def run(
                                 seed=seed)
     agent_flags = dict(max_steps=max_steps, tools=tools, workspace=workspace,
                        approval=approval, allow_network=allow_network,
-                       context_limit=context_limit)
+                       context_limit=context_limit, sandbox_allow=sandbox_allow, env=env,
+                       no_sandbox=no_sandbox, max_command_timeout=max_command_timeout,
+                       dangerously_bypass_approvals_and_sandbox=(
+                           dangerously_bypass_approvals_and_sandbox))
     with _errors(debug):
         settings.validate()
         _check_expert_cache(expert_cache)
@@ -322,7 +347,7 @@ def _print_prompt(text: str) -> None:
 def _agent_options(agent: bool, raw: bool, **flags) -> dict | None:
     """The agent flags, checked before any model loads; None without --agent."""
     if not agent:
-        given = [k for k, v in flags.items() if v not in (None, False)]
+        given = [k for k, v in flags.items() if v not in (None, False, [], ())]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --agent")
         return None
@@ -340,7 +365,47 @@ def _agent_options(agent: bool, raw: bool, **flags) -> dict | None:
     for name in ("max_steps", "context_limit"):
         if flags[name] is not None and flags[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    opts["sandbox"] = _sandbox_options(opts)
     return opts
+
+
+def _sandbox_options(opts: dict):
+    """The sandbox the agent's commands run in; yolo without one needs the alarming flag."""
+    import re
+
+    from .agent import sandbox
+
+    problem = sandbox.workspace_problem(opts["workspace"])
+    if problem:
+        raise UsageError(f"--workspace: {problem}")
+    grants = []
+    for spec in opts["sandbox_allow"] or ():
+        try:
+            grants.append(sandbox.parse_grant(spec))
+        except ValueError as e:
+            raise UsageError(f"--sandbox-allow: {e}") from None
+    for spec in opts["env"] or ():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", spec, re.DOTALL):
+            raise UsageError(f"--env: {spec!r} is not NAME or NAME=VALUE")
+    limit = opts["max_command_timeout"]
+    if limit is not None and not limit > 0:
+        raise UsageError("--max-command-timeout must be more than 0 seconds")
+    bypass = opts["dangerously_bypass_approvals_and_sandbox"]
+    if bypass:
+        if opts["approval"] not in (None, Approval.yolo):
+            raise UsageError("--dangerously-bypass-approvals-and-sandbox means --approval yolo "
+                             f"without a sandbox; it does not go with --approval "
+                             f"{opts['approval'].value}")
+        opts["approval"] = Approval.yolo
+    chosen = sandbox.choose(opts["allow_network"], tuple(grants), tuple(opts["env"] or ()),
+                            disabled=bypass or opts["no_sandbox"], bypass=bypass)
+    if opts["approval"] == Approval.yolo and chosen.kind == "none" and not bypass:
+        why = "--no-sandbox was given" if opts["no_sandbox"] else sandbox.why_none()
+        raise UsageError(
+            f"--approval yolo runs every command unasked, so it needs a sandbox, and there is "
+            f"none: {why}. Use --approval auto-edit or ask, or, on a machine you can lose, "
+            "--dangerously-bypass-approvals-and-sandbox")
+    return chosen
 
 
 def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
@@ -349,7 +414,6 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
     from .agent import frontend
     from .agent.approval import Mode, Policy, StreamApprover
     from .agent.loop import Agent, AgentConfig
-    from .agent.sandbox import choose
     from .agent.tools import ToolContext
     from .engine import Engine
 
@@ -358,7 +422,9 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         cfg.max_steps = opts["max_steps"]
     if opts["context_limit"] is not None:
         cfg.context_limit = opts["context_limit"]
-    ctx = ToolContext(opts["workspace"], choose(opts["allow_network"]))
+    ctx = ToolContext(opts["workspace"], opts["sandbox"],
+                      shell_max_timeout=opts["max_command_timeout"] or config.AGENT_SHELL_MAX_TIMEOUT)
+    _warn_bypass(opts)
     terminal = sys.stdin.isatty() and sys.stderr.isatty()
     policy = Policy(Mode((opts["approval"] or Approval.ask).value),
                     StreamApprover() if terminal else None)
@@ -370,6 +436,12 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         return
     done = frontend.run(agent, task, fmt.value, quiet=quiet, think=think, color=color)
     frontend.check_done(done)
+
+
+def _warn_bypass(opts: dict) -> None:
+    if opts["sandbox"].bypass:
+        _err("kimi: WARNING: --dangerously-bypass-approvals-and-sandbox: the model's commands "
+             "run unasked and unconfined, with your files, keys and network")
 
 
 def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
@@ -671,6 +743,11 @@ def chat(
     workspace: WorkspaceOpt = None,
     approval: ApprovalOpt = None,
     allow_network: AllowNetworkOpt = False,
+    sandbox_allow: SandboxAllowOpt = None,
+    env: EnvOpt = None,
+    no_sandbox: NoSandboxOpt = False,
+    dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
+    max_command_timeout: MaxCommandTimeoutOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
@@ -678,7 +755,13 @@ def chat(
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
                                     workspace=workspace, approval=approval,
-                                    allow_network=allow_network, context_limit=None)
+                                    allow_network=allow_network, context_limit=None,
+                                    sandbox_allow=sandbox_allow, env=env, no_sandbox=no_sandbox,
+                                    max_command_timeout=max_command_timeout,
+                                    dangerously_bypass_approvals_and_sandbox=(
+                                        dangerously_bypass_approvals_and_sandbox))
+        if agent_opts is not None:
+            _warn_bypass(agent_opts)
         code = _chat(session_ref, model, system, dict(
             temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
             max_tokens=max_tokens, seed=seed), think, cont, resume, expert_cache, color, debug,

@@ -434,7 +434,16 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         agent.messages.append({"role": "user", "content": task})
         _print_prompt(tok.decode(agent.prompt_ids()))
         return
-    done = frontend.run(agent, task, fmt.value, quiet=quiet, think=think, color=color)
+    renderer, live = None, False
+    if fmt == Format.text:  # the agent draws on the chat UI's renderer; it does not know it
+        from .ui.events import ThinkMode
+        from .ui.render import LiveRenderer, make_renderer
+        from .ui.term import make_console
+
+        renderer = make_renderer(make_console(sys.stdout, color), make_console(sys.stderr, color),
+                                 think=ThinkMode(think), quiet=quiet)
+        live = isinstance(renderer, LiveRenderer)
+    done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet)
     frontend.check_done(done)
 
 
@@ -775,7 +784,7 @@ def _chat(session_ref, model, system, flags: dict, think, cont: bool, resume: bo
 
     from .engine import SamplingSettings
     from .sessions import Session, find_session, latest_session
-    from .ui.agent_turn import AgentMode
+    from .ui.agent_mode import AgentMode
     from .ui.events import ThinkMode
     from .ui.prefs import read_prefs
     from .ui.repl import ChatApp, make_reader, pick_session

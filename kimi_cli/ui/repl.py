@@ -23,8 +23,9 @@ from ..engine import Engine, PrefillProgress, SamplingSettings, common_prefix
 from ..errors import KimiError
 from ..sessions import KVInfo, KVMismatch, Session, load_kv, model_fingerprint, save_kv
 from . import commands
-from .agent_turn import AgentMode, run_turn
+from .agent_mode import AgentMode
 from .agent_turn import prompt_ids as agent_prompt_ids
+from .agent_turn import run_turn
 from .events import ThinkMode, ToolResult
 from .input import LineReader, PromptReader, unwrap
 from .prefs import write_pref
@@ -43,7 +44,8 @@ TRANSCRIPT_MESSAGES = 12  # messages of a resumed session shown again
 
 
 class ChatApp:
-    """One chat: the model's engine, the current session, the settings and the screen."""
+    """One chat: the model's engine, the current session, the settings and the screen (the
+    `ChatHost` that commands and agent turns see)."""
 
     def __init__(self, model, tokenizer, console: Console, *, spec: str, session: Session,
                  settings: SamplingSettings, think: ThinkMode, model_path: Path | None = None,
@@ -152,7 +154,13 @@ class ChatApp:
     def respond(self) -> None:
         """Answer the last user message: with the agent loop in agent mode, else one reply."""
         if self.agent.on:
-            run_turn(self)
+            self.kv_owner = self.session.id
+            turn = run_turn(self)
+            self.last_experts = turn.experts
+            if turn.reply is not None:
+                t = turn.totals
+                self._count(turn.reply, t["prefilled_tokens"], t["reused_tokens"],
+                            t["generated_tokens"], t["prompt_time"], t["generation_time"])
             return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))
@@ -188,14 +196,19 @@ class ChatApp:
         msg["stats"] = {k: round(v, 4) if isinstance(v, float) else v
                         for k, v in st.to_dict().items()}
         self.session.append(msg)
+        self._count(reply, st.prefilled_tokens, st.reused_tokens, st.generation_tokens,
+                    st.prompt_time, st.generation_time)
+        self.note(status_line(st, len(ids) + st.generation_tokens, self.last_experts))
+
+    def _count(self, reply: Reply, prefilled: int, reused: int, generated: int,
+               prompt_time: float, generation_time: float) -> None:
+        """One more reply for /stats (an agent turn's counts cover all its steps)."""
         self.last = reply
         self.turns += 1
-        self.totals["prefilled"] += st.prefilled_tokens
-        self.totals["reused"] += st.reused_tokens
-        self.totals["generated"] += st.generation_tokens
-        self.totals["prompt_time"] += st.prompt_time
-        self.totals["generation_time"] += st.generation_time
-        self.note(status_line(st, len(ids) + st.generation_tokens, self.last_experts))
+        for key, value in (("prefilled", prefilled), ("reused", reused),
+                           ("generated", generated), ("prompt_time", prompt_time),
+                           ("generation_time", generation_time)):
+            self.totals[key] += value
 
     # Sessions
 

@@ -20,7 +20,7 @@ from ..chat.reply import Reply
 from ..engine import Stats
 from ..sessions import TEMPLATE_KEYS, Session
 from .host import ChatHost
-from .render import LiveRenderer, make_renderer
+from .render import LiveRenderer
 from .status import expert_delta, status_line
 from .term import is_tty, line_input, no_echo
 
@@ -63,7 +63,7 @@ def run_turn(app: ChatHost) -> Turn:
     """Answer the session's last (user) message with the agent loop."""
     *earlier, last = template_messages(app.session)
     agent = make_agent(app, earlier)
-    renderer = make_renderer(app.out, app.console, think=app.think)
+    renderer = app.renderer()
     recorder = _Recorder(app.session, agent)
     policy = agent.policy
     ask = policy.approver

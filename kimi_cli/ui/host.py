@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..sessions import KVInfo, Session
     from .agent_mode import AgentMode
     from .events import ThinkMode
+    from .render import Renderer
 
 
 class ChatHost(Protocol):
@@ -26,6 +27,9 @@ class ChatHost(Protocol):
     agent: AgentMode
     out: Console  # the answers
     console: Console  # everything else: panels, notes, hints (stderr when stdout is piped)
+
+    def renderer(self) -> Renderer:
+        """A renderer for one reply, on `out` and `console`."""
 
     def note(self, text: str) -> None: ...
 

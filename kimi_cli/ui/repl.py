@@ -72,6 +72,8 @@ class ChatApp:
         self.last: Reply | None = None
         self.last_experts: dict | None = None
         self.turns = 0
+        self._renderer = None  # the last reply's
+        self._answered = False  # an answer is on `out` already
         self.totals = {"prefilled": 0, "reused": 0, "generated": 0, "prompt_time": 0.0,
                        "generation_time": 0.0}
 
@@ -90,6 +92,15 @@ class ChatApp:
         self.think = mode
         write_pref("think", mode.value)
 
+    def renderer(self):
+        """A renderer for one reply. In a pipe, answers are set apart by an empty line."""
+        previous = self._renderer
+        self._renderer = make_renderer(self.out, self.console, think=self.think)
+        if self._answered or getattr(previous, "answered", False):
+            self._answered = True
+            self._renderer.before_answer = "\n"
+        return self._renderer
+
     def set_agent(self, on: bool) -> None:
         self.agent.on = on
         if on:
@@ -100,7 +111,7 @@ class ChatApp:
     # The loop
 
     def run(self, reader) -> int:
-        self.banner()
+        self.banner(keys=isinstance(reader, PromptReader))
         if self.session.messages:
             self.show_transcript()
             self.restore_kv()
@@ -140,12 +151,14 @@ class ChatApp:
         self.close()
         return 0
 
-    def banner(self) -> None:
+    def banner(self, keys: bool = True) -> None:
+        """`keys`: the keys are read from a terminal, so their hints mean something."""
         self.console.print(Text.assemble(("kimi chat", "bold " + ANSWER_STYLE),
                                          (f" · {self.spec} · reasoning: {self.think.value}"
                                           + (" · agent: on" if self.agent.on else ""), "dim")))
-        self.note("/help: commands · Alt-Enter: new line · Ctrl-C: stop a reply · "
-                  "Ctrl-D: exit")
+        if keys:
+            self.note("/help: commands · Alt-Enter: new line · Ctrl-C: stop a reply · "
+                      "Ctrl-D: exit")
         if self.agent.on:
             self.note(f"agent mode: {self.agent.describe()}")
 
@@ -170,7 +183,7 @@ class ChatApp:
                 f"the conversation ({len(ids):,} tokens) fills the model's context "
                 f"({config.CONTEXT_LENGTH:,}): /clear starts a new one")
         settings = replace(self.settings, max_tokens=min(self.settings.max_tokens, room))
-        renderer = make_renderer(self.out, self.console, think=self.think)
+        renderer = self.renderer()
         cache = getattr(self.model, "expert_cache", None)
         before = cache.stats.to_dict(per_layer=False) if cache is not None else None
 

@@ -183,3 +183,42 @@ def test_a_turn_continues_the_history_with_running_call_ids_and_the_kv_cache(tok
 def test_agent_flags_need_agent_mode_in_chat(env):
     r = kimi("chat", "--max-steps", "5", "-m", "scripted:/nonexistent.json", env=env)
     assert r.returncode == 2 and r.stderr == "kimi: error: --max-steps needs --agent\n"
+
+
+def torn_panels(screen: str) -> list[str]:
+    """Panels whose borders do not pair up: a top border with no bottom border before the next
+    top border, or a bottom border with no top one."""
+    torn, open_at = [], None
+    for n, line in enumerate(screen.splitlines()):
+        if line.startswith("╭"):
+            if open_at is not None:
+                torn.append(f"line {open_at}: top border without a bottom")
+            open_at = n
+        elif line.startswith("╰"):
+            if open_at is None:
+                torn.append(f"line {n}: bottom border without a top")
+            open_at = None
+    return torn
+
+
+def test_y_and_enter_typed_at_once_at_the_approval_leave_the_next_panels_whole(
+        tmp_path, env, term_factory):
+    # Typed in one write the moment the question shows (tmux send-keys "y" Enter), twice; the
+    # step after each approval streams more reasoning than the live region holds.
+    thinking = "\n".join(f"line {i} of the next thinking" for i in range(20))
+    outputs = [step(call("shell", 0, command="echo one"), reasoning="First a command."),
+               step(call("shell", 1, command="echo two"), reasoning=thinking),
+               answer("Both ran.", reasoning=thinking)]
+    t = start_chat(term_factory, env, tmp_path, outputs)
+    t.line("run two commands")
+    for n in (1, 2):
+        t.wait_for("[y] yes", count=n)
+        t.send("y\r")
+    t.wait_for("Both ran.")
+    t.prompt_ready(2)
+    screen = t.text()
+    assert torn_panels(screen) == [], t.capture()
+    assert screen.count("╭─ thinking") == 3 and screen.count("thought for") == 3, t.capture()
+    assert screen.count("line 19 of the next thinking") == 2, t.capture()
+    t.send("\x04")
+    assert t.exit_status() == 0, t.capture()

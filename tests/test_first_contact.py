@@ -252,3 +252,23 @@ def test_ctrl_c_with_jsonl_ends_with_an_interrupted_done_event(env, tmp_path):
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1] == {"type": "done", "finish_reason": "interrupted"}
     assert any(e["type"] == "text" for e in events)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped scripted demo
+
+
+def test_the_shipped_scripted_demo_reasons_calls_a_tool_and_answers(env, tmp_path):
+    demo = Path(__file__).parent.parent / "examples" / "scripted-demo.json"
+    (tmp_path / "notes.md").write_text("# notes\n")
+    r = kimi("run", "--agent", "-w", str(tmp_path), "--model", f"scripted:{demo}",
+             "--format", "json", "What is this project?", env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["finish_reason"] == "answer" and doc["steps"] == 2
+    [listing] = doc["tool_calls"]
+    assert listing["name"] == "list_files" and listing["decision"] == "allowed"
+    assert listing["ok"] is True and "notes.md" in listing["content"]
+    assert doc["reasoning"] and "scripted" in doc["text"]
+    first = next(m for m in doc["messages"] if m.get("tool_calls"))
+    assert first["reasoning_content"].startswith("The user asks what this project is.")

@@ -150,7 +150,7 @@ ApprovalOpt = Annotated[Approval | None, typer.Option(
 AllowNetworkOpt = Annotated[bool, typer.Option(
         "--allow-network", help="Agent: let sandboxed shell commands use the network.")]
 SandboxAllowOpt = Annotated[list[str] | None, typer.Option(
-        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: also show commands this path "
+        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: let commands also see this path "
         "(read-only unless :rw), e.g. ~/.local:ro for tools installed there. Repeatable.")]
 EnvOpt = Annotated[list[str] | None, typer.Option(
         "--env", metavar="NAME[=VALUE]", help="Agent: pass this variable (kimi's value, or "
@@ -627,7 +627,7 @@ def convert(
         "--verify", help="Check an existing pack's checksums and exit.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
+    """Repack a checkpoint so each expert is one aligned block (optional: one read per miss)."""
     with _errors(debug):
         from .checkpoint.demo import DEMO_NAME
 

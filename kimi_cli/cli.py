@@ -427,7 +427,7 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
     _warn_bypass(opts)
     terminal = sys.stdin.isatty() and sys.stderr.isatty()
     policy = Policy(Mode((opts["approval"] or Approval.ask).value),
-                    StreamApprover() if terminal else None)
+                    _typed_after_the_question(StreamApprover()) if terminal else None)
     agent = Agent(Engine(mdl, tok) if mdl is not None else None, opts["tools"], ctx, policy,
                   settings, cfg, tokenizer=tok)
     if print_prompt:
@@ -443,8 +443,25 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         renderer = make_renderer(make_console(sys.stdout, color), make_console(sys.stderr, color),
                                  think=ThinkMode(think), quiet=quiet)
         live = isinstance(renderer, LiveRenderer)
-    done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet)
+    import contextlib
+
+    from .ui.term import no_echo
+
+    # Keys typed while panels stream would be echoed into them and tear them: they wait.
+    with no_echo() if terminal else contextlib.nullcontext():
+        done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet)
     frontend.check_done(done)
+
+
+def _typed_after_the_question(ask):
+    """The approval question reads a line typed after it appears (keys typed ahead are
+    dropped, so they cannot answer it), with echo and line editing on."""
+    from .ui.term import line_input
+
+    def approver(request):
+        with line_input():
+            return ask(request)
+    return approver
 
 
 def _warn_bypass(opts: dict) -> None:

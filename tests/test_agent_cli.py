@@ -244,3 +244,35 @@ def test_the_closing_line_counts_denied_and_refused_calls_apart():
                     "stopped at --max-steps]")
     one = closing_line(ev.Done("answer", 1, "", Totals(steps=1, tool_calls=1).to_dict()))
     assert one.startswith("[agent: 1 step · 1 tool call · ")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_keys_typed_while_panels_stream_neither_tear_them_nor_answer_the_next_question(
+        tmp_path, env):
+    from test_chat_pty import COLS, ROWS, Term, torn_panels
+
+    thinking = "\n".join(f"line {i} of the next thinking" for i in range(20))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    spec = script(tmp_path / "s.json", [
+        step(call("shell", 0, command="echo one"), reasoning="First a command."),
+        step(call("shell", 1, command="echo two"), reasoning=thinking),
+        answer("Both ran.", reasoning=thinking)])
+    t = Term(["run", "--agent", "-w", str(ws), "-m", spec + "@100", "run two commands"],
+             {**env, "TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)})
+    try:
+        t.wait_for("[y] yes")
+        t.send("y\r")  # y and Enter at once, as tmux send-keys "y" Enter types them
+        t.wait_for("line 3 of the next thinking")
+        t.send("y\r")  # typed while the reasoning streams: not echoed, not an answer
+        t.wait_for("[y] yes", count=2)
+        t.settle(0.5)
+        assert "functions.shell:1 approved" not in t.text(), t.capture()
+        t.send("y\r")
+        t.wait_for("Both ran.")
+        assert t.exit_status() == 0, t.capture()
+        screen = t.text()
+        assert torn_panels(screen) == [], t.capture()
+        assert screen.count("╭─ thinking") == 3 and screen.count("thought for") == 3, t.capture()
+    finally:
+        t.close()

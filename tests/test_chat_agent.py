@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 import test_chat_pty
 from agent_script import answer, call, make_agent, step
-from test_chat_pty import Term, script, session_lines, sessions
+from test_chat_pty import Term, script, session_lines, sessions, torn_panels
 from test_cli import kimi
 
 from kimi_cli.agent import events as ev
@@ -183,22 +183,6 @@ def test_a_turn_continues_the_history_with_running_call_ids_and_the_kv_cache(tok
 def test_agent_flags_need_agent_mode_in_chat(env):
     r = kimi("chat", "--max-steps", "5", "-m", "scripted:/nonexistent.json", env=env)
     assert r.returncode == 2 and r.stderr == "kimi: error: --max-steps needs --agent\n"
-
-
-def torn_panels(screen: str) -> list[str]:
-    """Panels whose borders do not pair up: a top border with no bottom border before the next
-    top border, or a bottom border with no top one."""
-    torn, open_at = [], None
-    for n, line in enumerate(screen.splitlines()):
-        if line.startswith("╭"):
-            if open_at is not None:
-                torn.append(f"line {open_at}: top border without a bottom")
-            open_at = n
-        elif line.startswith("╰"):
-            if open_at is None:
-                torn.append(f"line {n}: bottom border without a top")
-            open_at = None
-    return torn
 
 
 def test_y_and_enter_typed_at_once_at_the_approval_leave_the_next_panels_whole(

@@ -156,6 +156,22 @@ def session_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def torn_panels(screen: str) -> list[str]:
+    """Panels whose borders do not pair up: a top border with no bottom border before the next
+    top border, or a bottom border with no top one."""
+    torn, open_at = [], None
+    for n, line in enumerate(screen.splitlines()):
+        if line.startswith("╭"):
+            if open_at is not None:
+                torn.append(f"line {open_at}: top border without a bottom")
+            open_at = n
+        elif line.startswith("╰"):
+            if open_at is None:
+                torn.append(f"line {n}: bottom border without a top")
+            open_at = None
+    return torn
+
+
 def test_reasoning_and_answer_stream_in_separate_panels(tmp_path, env, term_factory):
     t = term_factory(["chat", "--model", script(tmp_path, [GREETING], rate=200)], env)
     t.prompt_ready(1)

@@ -472,6 +472,8 @@ def _warn_bypass(opts: dict) -> None:
 
 def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
               think: str, quiet: bool, color: Color = Color.auto) -> None:
+    import contextlib
+
     from .chat.parser import ReasoningDelta, TextDelta, ToolCall
     from .chat.reply import generate_reply
     from .engine import Engine, PrefillProgress
@@ -508,8 +510,12 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
 
     if renderer is not None:
         renderer.waiting("thinking…")
+    from .ui.term import is_tty, no_echo
+
     try:
-        reply = generate_reply(Engine(mdl, tok), tok, ids, settings, on_event, raw=raw)
+        # Keys typed on the terminal while panels stream would be echoed into them: they wait.
+        with no_echo() if renderer is not None and is_tty(sys.stdin) else contextlib.nullcontext():
+            reply = generate_reply(Engine(mdl, tok), tok, ids, settings, on_event, raw=raw)
     except BaseException:
         if renderer is not None:
             renderer.finish("error")

@@ -329,3 +329,17 @@ def test_run_on_a_terminal_draws_the_panels(tmp_path, env, term_factory):
     assert "╭─ thinking" in screen and "╭─ Kimi" in screen, t.capture()
     assert REASONING in screen and "prompt tokens" in screen, t.capture()
 
+
+
+def test_keys_typed_while_run_streams_are_not_echoed_into_its_panels(tmp_path, env,
+                                                                     term_factory):
+    thinking = "\n".join(f"step {i} of the plan" for i in range(20))
+    output = f"<think>{thinking}</think>{ANSWER}<|im_end|>"
+    t = term_factory(["run", "--model", script(tmp_path, [output], rate=100), "hi"], env)
+    t.wait_for("step 3 of the plan")
+    t.send("typed ahead\r")
+    t.wait_for("Nice to meet you.")
+    assert t.exit_status() == 0, t.capture()
+    screen = t.text()
+    assert torn_panels(screen) == [] and "typed ahead" not in screen, t.capture()
+    assert screen.count("╭─ thinking") == 1 and "step 19 of the plan" in screen, t.capture()

@@ -445,11 +445,12 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         live = isinstance(renderer, LiveRenderer)
     import contextlib
 
-    from .ui.term import no_echo
+    from .ui.term import no_echo, wait_for_reader
 
     # Keys typed while panels stream would be echoed into them and tear them: they wait.
     with no_echo() if terminal else contextlib.nullcontext():
-        done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet)
+        done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet,
+                            settle=lambda: wait_for_reader(sys.stdout))
     frontend.check_done(done)
 
 
@@ -650,7 +651,7 @@ def convert(
         "--verify", help="Check an existing pack's checksums and exit.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Repack a checkpoint so each expert is one aligned block (optional: one read per miss)."""
+    """Optional: repack a checkpoint so each expert is one aligned block (one read per miss)."""
     with _errors(debug):
         from .checkpoint.demo import DEMO_NAME
 

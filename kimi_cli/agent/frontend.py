@@ -42,15 +42,17 @@ def check_done(done: ev.Done) -> None:
 
 
 def run(agent: Agent, task: str, fmt: str, *, renderer=None, live: bool = False,
-        quiet: bool = False, out: IO | None = None) -> ev.Done:
+        quiet: bool = False, out: IO | None = None,
+        settle: Callable[[], None] | None = None) -> ev.Done:
     """Run `task`: for `text`, drawn on `renderer` (the caller's: the agent does not know the
-    terminal; `live` as for `show`); for `json` and `jsonl`, written to `out`."""
+    terminal; `live` as for `show`), `settle` called before the closing line; for `json` and
+    `jsonl`, written to `out`."""
     out = out or sys.stdout
     if fmt == "jsonl":
         return _jsonl(agent, task, out)
     if fmt == "json":
         return _json(agent, task, out)
-    return _text(agent, task, renderer, live, quiet)
+    return _text(agent, task, renderer, live, quiet, settle)
 
 
 def _jsonl(agent: Agent, task: str, out: IO) -> ev.Done:
@@ -98,7 +100,8 @@ def _json(agent: Agent, task: str, out: IO) -> ev.Done:
     return done
 
 
-def _text(agent: Agent, task: str, r, live: bool, quiet: bool) -> ev.Done:
+def _text(agent: Agent, task: str, r, live: bool, quiet: bool,
+          settle: Callable[[], None] | None) -> ev.Done:
     base = agent.policy.approver
     if base is not None:
         def ask(request):
@@ -118,6 +121,8 @@ def _text(agent: Agent, task: str, r, live: bool, quiet: bool) -> ev.Done:
     done = show(agent, task, r, live=live, on_event=announce)
     r.finish("stop" if done.reason == "answer" else done.reason)
     if not quiet:
+        if settle is not None:
+            settle()
         r.note(closing_line(done, refusals))
     return done
 

@@ -107,3 +107,23 @@ def test_the_model_and_engine_do_not_know_any_front_end(graph):
                                               "kimi_cli.chat", "kimi_cli.checkpoint"))]
     upward = {(m, t) for m in lower for t in graph[m] if t.startswith(front_ends)}
     assert upward == set()
+
+
+def test_the_chat_app_is_a_chat_host():
+    # Commands and agent turns are written against ChatHost; the REPL's ChatApp must offer it.
+    import inspect
+    import textwrap
+
+    from kimi_cli.ui.host import ChatHost
+    from kimi_cli.ui.repl import ChatApp
+
+    init = ast.parse(textwrap.dedent(inspect.getsource(ChatApp.__init__)))
+    assigned = {t.attr for node in ast.walk(init) if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Attribute)}
+    assert set(ChatHost.__annotations__) <= assigned
+    methods = {n for n, v in vars(ChatHost).items() if inspect.isfunction(v) and n[0] != "_"}
+    assert methods and methods <= set(dir(ChatApp))
+    for name in methods:
+        host, app = inspect.signature(getattr(ChatHost, name)), \
+            inspect.signature(getattr(ChatApp, name))
+        assert list(host.parameters) == list(app.parameters), name

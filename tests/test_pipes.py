@@ -135,8 +135,10 @@ def test_piped_chat_shows_no_key_hints_and_sets_agent_answers_apart(env, tmp_pat
     script = tmp_path / "agent.json"
     script.write_text(json.dumps([
         OUTPUT,
-        "<think>List.</think><|tool_calls_section_begin|><|tool_call_begin|>functions.list_files:0"
-        "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>",
+        "<think>List, then write.</think><|tool_calls_section_begin|><|tool_call_begin|>"
+        "functions.list_files:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_call_begin|>"
+        'functions.write_file:1<|tool_call_argument_begin|>{"path": "x.txt", "content": "x"}'
+        "<|tool_call_end|><|tool_calls_section_end|><|im_end|>",
         f"<think>Seen.</think>{ANSWER}<|im_end|>"]))
     r = kimi("chat", "--agent", "-w", str(tmp_path), "-m", f"scripted:{script}",
              input="first\nsecond\n", env=env)
@@ -144,4 +146,6 @@ def test_piped_chat_shows_no_key_hints_and_sets_agent_answers_apart(env, tmp_pat
     assert r.stdout == f"{ANSWER}\n\n{ANSWER}\n"
     assert "Alt-Enter" not in r.stderr and "Ctrl-" not in r.stderr, r.stderr
     assert "kimi chat · " in r.stderr.splitlines()[0]  # the banner still says what runs
-    assert "agent: 2 steps, 1 tool call" in r.stderr
+    # No terminal to ask on: the write is denied, and the status line says so.
+    assert "agent: 2 steps, 2 tool calls, 1 denied" in r.stderr, r.stderr
+    assert not (tmp_path / "x.txt").exists()

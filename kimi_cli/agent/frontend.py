@@ -1,4 +1,4 @@
-"""`kimi run --agent`'s front end: agent events to the terminal renderer (text), one JSON
+"""`kimi run --agent`'s front end: agent events to a renderer the caller gives (text), one JSON
 document (json) or one event per line (jsonl); how the run ended becomes the exit code.
 """
 

@@ -25,7 +25,10 @@ def _no_args(*bad: str) -> Callable[[list[str]], bool]:
         for a in args:
             if a == "--":
                 return True
-            if long_opts and a.startswith(long_opts):
+            # GNU getopt and git take any unambiguous abbreviation: `--outp=F` is `--output=F`.
+            name = a.split("=", 1)[0]
+            if a.startswith("--") and len(name) > 2 and any(b.startswith(name) or
+                                                            a.startswith(b) for b in long_opts):
                 return False
             if short and re.fullmatch(rf"-[A-Za-z0-9]*[{short}][A-Za-z0-9]*.*", a) \
                     and not a.startswith("--"):
@@ -117,10 +120,10 @@ RULES: dict[str, Callable[[list[str]], bool]] = {
     "cd": lambda args: len(args) == 1 and args[0] != "-",  # bare `cd` goes home
     "date": _no_args("-s", "--set"),
     "file": _no_args("-C", "--compile"),
-    "sort": _no_args("-o", "--output", "--compress-program"),
+    "sort": _no_args("-o", "--output", "--compress-program", "--files0-from"),
     "uniq": _one_file,
     "tree": _no_args("-o"),
-    "rg": _no_args("--pre", "--pre-glob", "-z", "--search-zip"),
+    "rg": _no_args("--pre", "--pre-glob", "-z", "--search-zip", "--hostname-bin"),
     "find": _find,
     "sed": _sed,
     "awk": _awk, "gawk": _awk, "mawk": _awk,

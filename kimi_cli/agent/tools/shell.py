@@ -17,6 +17,7 @@ import threading
 from collections import deque
 
 from ... import config
+from .. import seccomp
 from ..safety import check_command
 from ..sandbox import Sandbox
 from .base import Tool, ToolContext, ToolError
@@ -141,6 +142,17 @@ def _kill(proc: subprocess.Popen, before: set[int]) -> None:
                 pass
 
 
+def _seccomp_fds(sandbox: Sandbox) -> tuple[int, ...]:
+    """bubblewrap's seccomp filter (no setuid files) in a pipe bwrap reads; () elsewhere."""
+    if sandbox.kind != "bubblewrap" or not seccomp.supported():
+        return ()
+    prog = seccomp.program()
+    r, w = os.pipe()  # a few hundred bytes: far below a pipe's buffer
+    os.write(w, prog)
+    os.close(w)
+    return (r,)
+
+
 def run(args: dict, ctx: ToolContext) -> str:
     command = args["command"]
     timeout = args.get("timeout", ctx.shell_timeout)
@@ -148,16 +160,21 @@ def run(args: dict, ctx: ToolContext) -> str:
         raise ToolError(f"timeout must be between 0 and {ctx.shell_max_timeout:g} seconds (the "
                         "user can raise the limit with --max-command-timeout)")
     bash = shutil.which("bash") or "/bin/sh"
-    argv = ctx.sandbox.wrap([bash, "-c", command], ctx.workspace)
+    fds = _seccomp_fds(ctx.sandbox)
+    argv = ctx.sandbox.wrap([bash, "-c", command], ctx.workspace, fds[0] if fds else None)
     adopting = _adopt_orphans()
     before = _children() if adopting else set()
     env = environment(ctx.sandbox)
     env["PWD"] = str(ctx.workspace)
     # A new session has no controlling terminal: nothing can type into the user's (TIOCSTI) or
     # read it; stdin is /dev/null and no other descriptor is inherited.
-    proc = subprocess.Popen(argv, cwd=ctx.workspace, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, close_fds=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=ctx.workspace, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, close_fds=True, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     capture = _Capture(proc.stdout, ctx.output_cap)
     capture.start()
     try:

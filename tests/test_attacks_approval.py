@@ -99,7 +99,12 @@ RISKY = [
     ("sed -n 1p notes.txt", ["sed -n '1e touch F2' notes.txt", "sed -i s/a/b/ notes.txt",
                              "sed --in-place=.bak s/a/b/ notes.txt", "sed 'w F2' notes.txt",
                              "sed -n 's/a/touch F2/e' notes.txt", "sed -s -n 1p notes.txt"]),
-    ("git status", ["git -c core.fsmonitor='touch F3' status", "git config core.pager 'touch F3'",
+    # GNU getopt and git take abbreviations: `--outpu=F` is `--output=F`.
+    ("sort notes.txt", ["sort --outp=F7 notes.txt", "sort --comp=./x -S 1k notes.txt",
+                        "sort --files0=F7"]),
+    ("file notes.txt", ["file --comp notes.txt", "file -C notes.txt"]),
+    ("git status", ["git diff --outpu=F3", "git log -p --ext", "git log --textc -p",
+                    "git -c core.fsmonitor='touch F3' status", "git config core.pager 'touch F3'",
                     "git -C .. status", "git diff --output=F3", "git diff --ext-diff",
                     "git log --textconv -p"]),
     ("awk '{print}' notes.txt", ["awk 'BEGIN{system(\"touch F4\")}'",
@@ -108,7 +113,8 @@ RISKY = [
                                  "awk 'BEGIN{\"touch F4\" | getline}'", "awk -f prog notes.txt"]),
     ("ls", ["ls; touch F5", "ls && tee F5", "ls | xargs touch", "ls | sh", "env ls",
             "timeout 5 ls", "nohup ls", "sudo ls", "bash -c ls", "eval ls", ". ./x", "source x"]),
-    ("cat notes.txt", ["cat notes.txt > F6", "cat /etc/passwd", "cat ../../outside.txt",
+    ("cat notes.txt", ["cat notes.txt >&F6", "cat notes.txt 1>&../F6",
+                       "cat notes.txt > F6", "cat /etc/passwd", "cat ../../outside.txt",
                        "tar -cf F6 notes.txt", "cp -t sub notes.txt", "tee F6", "rsync -e sh a b",
                        "less notes.txt", "man ls", "vim -c ':!touch F6' notes.txt"]),
 ]
@@ -128,7 +134,19 @@ def test_a_session_approval_never_covers_the_same_program_with_risky_arguments(
     for i, attack in enumerate(attacks, 1):
         assert by[f"functions.shell:{i}"] in (("denied", "user"), ("refused", "safety")), attack
     assert sorted(p.name for p in ws.iterdir()) == ["notes.txt", "sub"]
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc", ".ssh", "project"]
     assert (ws / "notes.txt").read_text() == "a\nb\n"
+
+
+def test_a_session_approval_of_date_never_covers_setting_the_clock():
+    # Not run: as root it would set the machine's clock.
+    from kimi_cli.agent.approval import Policy
+
+    policy = Policy(Mode.ask, approver=None, prefixes={("date",)})
+    assert policy.decide(Request("1", "shell", "exec", "date", ""), "date -u").allowed
+    for command in ("date -s 2001-01-01", "date --set=2001-01-01", "date --se=2001-01-01",
+                    "date --s 2001-01-01", "date -us 2001-01-01"):
+        assert not policy.decide(Request("1", "shell", "exec", command, ""), command).allowed
 
 
 def test_a_command_that_runs_code_is_remembered_only_as_the_exact_command(home, tokenizer):

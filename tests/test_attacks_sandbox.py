@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -418,3 +419,67 @@ def test_kv_caches_and_the_input_history_are_private(tmp_path, monkeypatch, tiny
     assert "hunter2" in history_path().read_text()
     assert stat.S_IMODE(history_path().stat().st_mode) == 0o600
     assert stat.S_IMODE(history_path().parent.stat().st_mode) == 0o700
+
+
+# Found red-teaming the fixes: as root a file the sandbox writes is root's outside it.
+
+SETUID_PROBES = [
+    "cp /bin/sh ./rootsh && chmod 4755 ./rootsh",
+    "install -m 6755 /bin/true ./suid-install",
+    "python3 -c \"import os; os.close(os.open('suid-open', os.O_CREAT | os.O_WRONLY, 0o4755))\"",
+    "python3 -c \"import os; os.mknod('suid-mknod', 0o104755)\"",
+    "touch suid-perl && perl -e 'chmod 02755, \"suid-perl\" or exit 1'",
+    "touch plain && chmod 755 plain && mkdir -p d/e && chmod g+w d && echo fine",
+]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_the_sandbox_cannot_plant_setuid_or_setgid_files_on_the_host(home, env, flags):
+    ws = home.parent / f"setuid-{time.monotonic_ns()}"
+    ws.mkdir()
+    out = results(agent(home, SETUID_PROBES, flags, env, ws=ws))
+    modes = {p.name: p.lstat().st_mode for p in ws.rglob("*")}
+    assert not [name for name, m in modes.items() if m & (stat.S_ISUID | stat.S_ISGID)], modes
+    assert "Operation not permitted" in out[0] and out[-1] == "fine\n[exit code 0]"
+    assert stat.S_IMODE(modes["plain"]) == 0o755  # ordinary modes still work
+
+
+def test_the_seccomp_filter_assembles_for_both_linux_architectures():
+    from kimi_cli.agent import seccomp
+
+    for machine in ("x86_64", "aarch64"):
+        prog = seccomp.program(machine)
+        assert len(prog) % 8 == 0 and 20 < len(prog) // 8 < 256  # jumps are 8-bit
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_the_sandbox_cannot_change_the_workspaces_git_or_envrc(home, env, flags, tmp_path):
+    # .git/config's core.fsmonitor would run on your next `git status`, outside the sandbox.
+    ws = tmp_path / "repo"
+    ws.mkdir()
+    git = ["git", "-C", str(ws)]
+    subprocess.run([*git, "init", "-q"], check=True, env=env)
+    (ws / ".envrc").write_text("export X=1\n")
+    config_before = (ws / ".git/config").read_text()
+    hook = f"touch {tmp_path}/pwned-fsmonitor"
+    r = agent(home, [
+        "python3 -c \"p = '.g' + 'it/con' + 'fig'; open(p, 'a').write('[core]\\n"
+        f"\\tfsmonitor = {hook}\\n')\"",
+        "python3 -c \"import os; os.rename('.g' + 'it', '.old')\"; echo rc=$?",
+        "python3 -c \"open('.en' + 'vrc', 'a').write('evil')\"; echo rc=$?",
+        "git status --short >/dev/null && echo git reads",
+    ], flags, env, ws=ws)
+    config, renamed, envrc, reads = results(r)
+    assert "Read-only file system" in config
+    assert "Device or resource busy" in renamed and "rc=0" not in renamed
+    assert "Read-only file system" in envrc and "rc=0" not in envrc
+    assert reads == "git reads\n[exit code 0]"
+    assert (ws / ".git/config").read_text() == config_before
+    assert (ws / ".envrc").read_text() == "export X=1\n" and not (ws / ".old").exists()
+    subprocess.run([*git, "status"], capture_output=True, env=env)  # you, later, outside
+    assert not (tmp_path / "pwned-fsmonitor").exists()
+    # An explicit grant reopens it.
+    (opened,) = results(agent(home, ["python3 -c \"open('.g' + 'it/config', 'a').write('#')\" "
+                                     "&& echo written"],
+                              [*flags, "--sandbox-allow", f"{ws}/.git:rw"], env, ws=ws))
+    assert opened == "written\n[exit code 0]"

@@ -443,3 +443,23 @@ def test_a_catastrophic_pattern_stops_at_the_time_limit_with_a_clear_message(hom
     assert time.monotonic() - start < 30  # a hang would be hours: 2^40 backtracking steps
     assert res[0].content.startswith("[grep stopped after 1 s: the pattern is too slow")
     assert res[1].content == "notes.txt:2:b"
+
+
+# Padding pushes the real command off the screen: blanks are counted, not drawn.
+
+
+def test_padding_cannot_scroll_the_real_command_out_of_the_approval_prompt(home, tokenizer):
+    padded = "touch X #" + " " * 3000 + "\n" * 80 + "ls -la"
+    tall = "touch X\n" + "echo ok\n" * 40 + "ls -la"
+    err = io.StringIO()
+    events = run(make_agent(shell_steps([padded, tall]), tokenizer, home / "project", Mode.ask,
+                            StreamApprover(io.StringIO("n\nn\n"), err)))
+    assert list(decisions(events).values()) == [("denied", "user")] * 2
+    first, second = err.getvalue().split("kimi: the agent wants")[1:]
+    assert "$ touch X #[... 3000 blanks ...]\n    [... 79 empty lines ...]\n    ls -la" in first
+    assert len(first.splitlines()) < 8  # all of it fits on any screen
+    options = second.splitlines()[-2]
+    assert options.startswith("  [y] yes")
+    assert second.splitlines()[-3] == ("  ^ the command above is 42 lines: read all of it; it "
+                                       "starts `touch X`")
+    assert not (home / "project" / "X").exists()

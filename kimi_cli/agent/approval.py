@@ -6,6 +6,7 @@ Only the user's replies change approval state; tool output never does.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +147,28 @@ class Policy:
         return True
 
 
+TALL_PREVIEW = 12  # lines: more, and the start of the command may have scrolled away
+_PADDING = re.compile(r"[ \t]{16,}")
+
+
+def shown_preview(preview: str) -> list[str]:
+    """A command's preview as shown: escapes visible, long runs of blanks and of empty lines
+    counted instead of drawn, so padding cannot push the real command off the screen."""
+    out: list[str] = []
+    empty = 0
+    for line in [*preview.splitlines(), "\x00end"]:
+        if not line.strip() and line != "\x00end":
+            empty += 1
+            continue
+        if empty:
+            out += [""] * empty if empty <= 2 else [f"[... {empty} empty lines ...]"]
+            empty = 0
+        if line != "\x00end":
+            out.append(_PADDING.sub(lambda m: f"[... {len(m.group(0))} blanks ...]",
+                                    visible(line)))
+    return out
+
+
 class StreamApprover:
     """Asks on a text stream (stderr) and reads one line of answer (stdin)."""
 
@@ -159,8 +182,13 @@ class StreamApprover:
         # Everything shown here may come from the model: control characters are made visible.
         out.write(f"\nkimi: the agent wants to {what} ({visible(request.tool)}, "
                   f"{visible(request.call_id)}):\n")
-        out.write("".join("    " + visible(line) + "\n"
-                          for line in request.preview.splitlines()))
+        shown = shown_preview(request.preview) if request.kind == "exec" else \
+            [visible(line) for line in request.preview.splitlines()]
+        out.write("".join("    " + line + "\n" for line in shown))
+        if request.kind == "exec" and len(shown) > TALL_PREVIEW:
+            start = (request.title.strip().splitlines() or [""])[0][:60]
+            out.write(f"  ^ the command above is {len(request.title.splitlines())} lines: read "
+                      f"all of it; it starts `{visible(start)}`\n")
         if request.protected:
             out.write(f"  protected: {visible(request.protected)}; this answer covers this "
                       "call only\n")

@@ -124,7 +124,9 @@ SNEAKY_APPEND = "import os; open(os.path.expanduser('~') + '/.bash' + 'rc', 'a')
 @pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
 def test_the_sandbox_shows_none_of_the_home_but_what_is_allowed(home, env, flags):
     r = agent(home, [
-        "cat ~/.cache/huggingface/token ~/.config/git/credentials ~/.bash_history; "
+        # Past the hard rules (they refuse these names): only the sandbox's empty home stops it.
+        "for f in .cache/hugging?ace/token .config/git/cred?ntials .bash_hist?ry; do "
+        "cat ~/$f; done; "
         f"python3 -c {SNEAKY_READ!r}",
         f"ls -A ~; python3 -c {SNEAKY_APPEND!r}; echo written",
         "python3 -c 'print(6*7)' && git --version >/dev/null && echo tools ok",

@@ -6,15 +6,17 @@ Only the user's replies change approval state; tool output never does.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import IO
 
 from .escape import visible
-from .risk import prefix, read_only
+from .risk import inside, prefix, read_only
 from .shellparse import Unparsable, split_command
 
 
@@ -91,6 +93,7 @@ class Policy:
     prefixes: set[tuple[str, ...]] = field(default_factory=set)  # of read-only commands
     commands: set[str] = field(default_factory=set)  # exact commands approved for the session
     edits_approved: bool = False  # "for this session" on a file edit
+    workspace: Path | None = None  # where session-approved commands must stay (the Agent's)
 
     def decide(self, request: Request, command: str | None = None) -> Decision:
         if request.protected and request.kind != "read":
@@ -139,11 +142,16 @@ class Policy:
             return False
         if not segments:
             return False
+        cwd = self.workspace
         for seg in segments:
             if not read_only(seg):
                 return False
+            if cwd is not None and not inside(seg, cwd, self.workspace):
+                return False
             if not any(tuple(seg.words[:len(p)]) == p for p in self.prefixes):
                 return False
+            if cwd is not None and seg.words[0] == "cd":
+                cwd = Path(os.path.realpath(cwd / seg.words[1]))
         return True
 
 

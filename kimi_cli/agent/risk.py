@@ -6,8 +6,10 @@ and the arguments known to only read; everything else is approved by exact comma
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from .shellparse import Segment
 
@@ -155,3 +157,15 @@ def read_only(seg: Segment) -> bool:
     if rule is None or any(_OUTSIDE.search(a) for a in args):
         return False
     return rule(args)
+
+
+def inside(seg: Segment, cwd: Path, workspace: Path) -> bool:
+    """Every word of `seg` read as a path from `cwd` stays in `workspace` once symlinks are
+    followed: `cat docs/x` is not a read-only use when docs links to / (a cloned repo's link)."""
+    for word in seg.words[1:] + [t for _, t in seg.redirects if not t.startswith("&")]:
+        for part in {word, word.split("=", 1)[-1]}:
+            if part and not part.startswith("-"):
+                real = os.path.realpath(cwd / part)
+                if real != str(workspace) and not real.startswith(str(workspace) + os.sep):
+                    return False
+    return True

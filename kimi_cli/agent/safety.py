@@ -30,6 +30,10 @@ SECRETS = (
     ".password-store", ".vault-token", ".cargo/credentials", ".cargo/credentials.toml",
     ".gem/credentials", ".terraform.d/credentials.tfrc.json", ".local/share/keyrings",
     "Library/Keychains",
+    # Our own download token, git's credential store, and histories that hold typed passwords.
+    ".cache/huggingface/token", ".huggingface/token", ".config/git/credentials",
+    ".bash_history", ".zsh_history", ".python_history", ".psql_history", ".mysql_history",
+    ".sqlite_history", ".node_repl_history",
 )
 SYSTEM_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d")
 # Shell start-up files: writing them plants commands in every future shell.

@@ -279,8 +279,11 @@ def test_the_timeout_a_model_may_ask_for_is_capped_and_the_user_can_raise_it(hom
 
 # 6. No host sockets, no agent forwarding; no workspace that holds the home's secrets.
 
-@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap, id="no-network"),
+                                   pytest.param([*SANDBOXED, "--allow-network"], marks=needs_bwrap,
+                                                id="network")])
 def test_host_unix_sockets_are_unreachable_from_the_sandbox(home, env, flags):
+    # With the host's network, abstract sockets (X11's, D-Bus's) would be: no AF_UNIX at all.
     path = home.parent / "agent.sock"  # outside the workspace, like ssh-agent's or docker's
     abstract = f"\0kimi-test-{os.getpid()}"
     servers = []
@@ -289,8 +292,9 @@ def test_host_unix_sockets_are_unreachable_from_the_sandbox(home, env, flags):
         s.bind(address)
         s.listen(1)
         servers.append(s)
-    probe = ("import socket, sys\nfor a in sys.argv[1:]:\n s = socket.socket(socket.AF_UNIX)\n"
-             " try:\n  s.connect(a.replace('@', chr(0)))\n  print('connected', a)\n"
+    probe = ("import socket, sys\nfor a in sys.argv[1:]:\n try:\n"
+             "  s = socket.socket(socket.AF_UNIX)\n  s.connect(a.replace('@', chr(0)))\n"
+             "  print('connected', a)\n"
              " except OSError as e:\n  print('refused', a, e.errno)\n")
     (home / "project/probe.py").write_text(probe)
     try:

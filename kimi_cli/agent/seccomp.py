@@ -1,7 +1,6 @@
 """The Linux sandbox's seccomp filter (classic BPF, as `bwrap --seccomp FD` loads it): no setuid
-or setgid bits on files, which outside the sandbox would belong to kimi's user (root in CI).
-
-The rule of systemd's RestrictSUIDSGID=: chmod, open/creat and mknod with S_ISUID or S_ISGID fail.
+or setgid files (outside they would be kimi's user's: root in CI), and with the host's network
+no Unix sockets (abstract ones, X11's and D-Bus's, are in the network namespace).
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ _MODE_CALLS = {
     "mknodat": (259, 33, 2, None), "fchmodat": (268, 53, 2, None),
     "fchmodat2": (452, 452, 2, None),
 }
+_SOCKET = (41, 198)  # socket(2) on x86_64, aarch64
+AF_UNIX = 1
 # Calls whose mode seccomp cannot see (a struct, a ring): refused, programs fall back.
 _REFUSED = {"openat2": 437, "io_uring_setup": 425}
 
@@ -34,8 +35,10 @@ def supported() -> bool:
     return platform.machine() in _ARCH
 
 
-def program(machine: str | None = None) -> bytes:
-    """The filter as `struct sock_filter[]` bytes for this machine (x86_64 or aarch64)."""
+def program(machine: str | None = None, unix_sockets: bool = True) -> bytes:
+    """The filter as `struct sock_filter[]` bytes for this machine (x86_64 or aarch64); the
+    rule of systemd's RestrictSUIDSGID= (chmod, open/creat and mknod with S_ISUID or S_ISGID
+    fail), and socket(AF_UNIX) failing unless `unix_sockets` (socketpair still works)."""
     machine = machine or platform.machine()
     arch = _ARCH[machine]
     column = 0 if machine == "x86_64" else 1
@@ -45,6 +48,9 @@ def program(machine: str | None = None) -> bytes:
         ops.append(("jge", _X32_BIT, "enosys", None))
     for nr in _REFUSED.values():
         ops.append(("jeq", nr, "enosys", None))
+    if not unix_sockets:
+        ops += [("jeq", _SOCKET[column], None, "socket:end"), ("ld", 16),
+                ("jeq", AF_UNIX, "eperm", None), ("socket:end:", None)]
     for name, row in _MODE_CALLS.items():
         nr, mode_arg, flags_arg = row[column], row[2], row[3]
         if nr is None:

@@ -143,10 +143,10 @@ def _kill(proc: subprocess.Popen, before: set[int]) -> None:
 
 
 def _seccomp_fds(sandbox: Sandbox) -> tuple[int, ...]:
-    """bubblewrap's seccomp filter (no setuid files) in a pipe bwrap reads; () elsewhere."""
+    """bubblewrap's seccomp filter (seccomp.py) in a pipe bwrap reads; () elsewhere."""
     if sandbox.kind != "bubblewrap" or not seccomp.supported():
         return ()
-    prog = seccomp.program()
+    prog = seccomp.program(unix_sockets=not sandbox.allow_network)
     r, w = os.pipe()  # a few hundred bytes: far below a pipe's buffer
     os.write(w, prog)
     os.close(w)

@@ -364,6 +364,33 @@ def test_a_spoofed_command_shows_its_escapes_and_the_real_command_at_a_terminal(
     assert child.exitstatus == 0 and not (ws / "X").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_the_question_undoes_terminal_modes_the_models_text_set_before_it(
+        tmp_path, env):  # noqa: F811
+    # Printed raw before the call, this text would confine the real prompt to a one-line scroll
+    # region below a fake one, with long lines cut off instead of wrapped.
+    pexpect = pytest.importorskip("pexpect")
+    from kimi_cli.agent.approval import TERMINAL_SANE
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    fake = "\x1b[?7l\x1b[2J\x1b[H$ ls -la\x1b[40;40r\x1b]11;#000000\x07"
+    spec = script(tmp_path / "s.json", [step(call("shell", 0, command="touch X"), text=fake),
+                                        "done"])
+    child = pexpect.spawn(KIMI[0], [*KIMI[1:], "run", "--agent", "-w", str(ws), "-m", spec,
+                                    "task"], env={**env, "TERM": "xterm"}, encoding="utf-8",
+                          codec_errors="replace", timeout=60, dimensions=(40, 120))
+    child.expect(r"\[y\] yes")
+    screen = child.before
+    child.sendline("n")
+    child.expect(pexpect.EOF)
+    child.close()
+    question = screen.rindex("kimi: the agent wants to run a command")
+    assert screen.rindex(TERMINAL_SANE) < question
+    assert screen.rfind("\x1b[40;40r") < screen.rindex(TERMINAL_SANE)
+    assert child.exitstatus == 0 and not (ws / "X").exists()
+
+
 def test_json_output_keeps_control_characters_escaped(tmp_path, env):  # noqa: F811
     spec = script(tmp_path / "s.json", [step(call("shell", 0, command=SPOOF),
                                              text="\u202eevil\x1b[2J"), "done"])

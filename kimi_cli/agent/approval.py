@@ -155,6 +155,11 @@ class Policy:
         return True
 
 
+# Before a question on a terminal: undo what model text printed raw earlier may have set up to
+# hide or fake it: alternate screen, scroll region (cursor kept), no autowrap, insert mode,
+# origin mode, hidden cursor, another character set, attributes, and colours and palette.
+TERMINAL_SANE = ("\x0f\x1b(B\x1b[0m\x1b[4l\x1b[?6l\x1b[?7h\x1b[?25h\x1b[?1049l\x1b7\x1b[r\x1b8"
+                 "\x1b]104\x07\x1b]110\x07\x1b]111\x07")
 TALL_PREVIEW = 12  # lines: more, and the start of the command may have scrolled away
 _PADDING = re.compile(r"[ \t]{16,}")
 
@@ -187,6 +192,8 @@ class StreamApprover:
     def __call__(self, request: Request) -> Reply:
         out = self.output
         what = "run a command" if request.kind == "exec" else "change a file"
+        if getattr(out, "isatty", lambda: False)():
+            out.write(TERMINAL_SANE)
         # Everything shown here may come from the model: control characters are made visible.
         out.write(f"\nkimi: the agent wants to {what} ({visible(request.tool)}, "
                   f"{visible(request.call_id)}):\n")

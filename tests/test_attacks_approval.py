@@ -269,6 +269,10 @@ PROTECTED_EDITS = [
     ("write_file", {"path": ".gitattributes", "content": "* filter=x\n"}),
     ("write_file", {"path": ".pre-commit-config.yaml", "content": "repos: []\n"}),
     ("write_file", {"path": ".husky/pre-commit", "content": "touch PWNED\n"}),
+    ("write_file", {"path": ".GIT/hooks/post-checkout", "content": "touch PWNED\n"}),  # macOS
+    ("write_file", {"path": ".hg/hgrc", "content": "[hooks]\npre-status = touch PWNED\n"}),
+    ("write_file", {"path": ".claude/settings.json", "content": "{\"hooks\": {}}"}),
+    ("write_file", {"path": "mise.toml", "content": "[hooks]\nenter = 'touch PWNED'\n"}),
 ]
 PROTECTED_COMMANDS = ["echo '[core] fsmonitor = x' >> .git/config", "cp notes.txt .git/hooks/post",
                       "git config core.fsmonitor 'touch PWNED'", "tee .envrc < notes.txt",

@@ -64,11 +64,14 @@ _STRING_WRAPPERS = {"su", "runuser", "script", "flock", "sg", "watch", "sudo", "
 _DEVICES = ("/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/")
 # Workspace files that run code with nobody running a command of the project: git's config,
 # hooks and attributes (on `git status`), direnv's (on `cd`), editors' tasks and settings (on
-# opening the folder), pre-commit's and husky's hooks, shell start-up files. Changing them
+# opening the folder), pre-commit's, husky's, mercurial's and other agents' hooks, mise's (on
+# `cd`), shell start-up files. Changing them
 # always asks, in every mode, and is refused without a terminal. Makefiles, package.json,
 # conftest.py and the like are not here: they run only when someone runs the project's tools.
-PROTECTED_DIRS = (".git", ".vscode", ".idea", ".devcontainer", ".husky")
+PROTECTED_DIRS = (".git", ".hg", ".vscode", ".idea", ".devcontainer", ".husky", ".claude",
+                  ".codex")
 PROTECTED_NAMES = (".envrc", ".env", ".gitattributes", ".gitmodules", ".pre-commit-config.yaml",
+                   ".mise.toml", "mise.toml",
                    *(name for name in STARTUP_FILES if "/" not in name))
 
 
@@ -121,9 +124,12 @@ def workspace_protected(path: Path, workspace: Path) -> str | None:
     """Why writing `path` (resolved, in the workspace) always needs the user's yes, or None."""
     if not _within(path, workspace) or path == workspace:
         return None
+    # Casefolded: on macOS's (and Windows') file systems `.GIT/config` is `.git/config`.
     parts = path.relative_to(workspace).parts
-    hit = next((p for p in parts[:-1] if p in PROTECTED_DIRS), None) or (
-        parts[-1] if parts[-1] in PROTECTED_DIRS + PROTECTED_NAMES else None)
+    dirs = {d.casefold() for d in PROTECTED_DIRS}
+    names = dirs | {n.casefold() for n in PROTECTED_NAMES}
+    hit = next((p for p in parts[:-1] if p.casefold() in dirs), None) or (
+        parts[-1] if parts[-1].casefold() in names else None)
     if hit is None:
         return None
     return f"{path.relative_to(workspace)} is protected: {hit} can run code outside any approval"
@@ -209,7 +215,8 @@ def command_protected(command: str, workspace: Path) -> str | None:
 
 
 _MENTION = re.compile(r"(^|[\s/'\"=<>;|&(`])(" + "|".join(
-    re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)`]|$)")
+    re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)`]|$)",
+    re.IGNORECASE)
 
 
 def _git_writes_config(args: list[str]) -> bool:

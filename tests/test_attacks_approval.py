@@ -25,7 +25,12 @@ from kimi_cli.agent.sandbox import Sandbox, bwrap_works
 
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- fake"
 RC = "# the user's rc\n"
-SANDBOXES = [Sandbox("none")] + ([Sandbox("bubblewrap")] if bwrap_works() else [])
+# Without bwrap the bubblewrap case is skipped, which in CI fails (conftest.py), not dropped.
+SANDBOXES = [pytest.param(Sandbox("none"), id="none"),
+             pytest.param(Sandbox("bubblewrap"), id="bubblewrap", marks=[
+                 pytest.mark.sandbox,
+                 pytest.mark.skipif(not bwrap_works(), reason="bubblewrap is not installed or "
+                                    "cannot create namespaces here")])]
 
 
 @pytest.fixture
@@ -212,7 +217,7 @@ def _probes(home, commands):
     return [c.replace("{root}", str(home.parent)) for c in commands]
 
 
-@pytest.mark.parametrize("sandbox", SANDBOXES, ids=lambda s: s.kind)
+@pytest.mark.parametrize("sandbox", SANDBOXES)
 @pytest.mark.parametrize("mode", list(Mode))
 def test_provable_hard_deny_targets_are_refused_in_every_mode(home, tokenizer, mode, sandbox):
     events = run(make_agent(shell_steps(_probes(home, PROVABLY_DENIED)), tokenizer,

@@ -427,6 +427,11 @@ def test_diffs_and_tool_panels_escape_what_the_model_wrote(home, tokenizer):
     events = run(make_agent(outputs, tokenizer, ws, Mode.ask, StreamApprover(
         io.StringIO("n\n"), err)))
     assert "+a\\x1b[2J\\u202eb" in err.getvalue() and "\x1b" not in err.getvalue()
+    err = io.StringIO()  # a file name's newline cannot draw a fake line of the prompt
+    run(make_agent([step(call("write_file", 0, path="a.txt\n    protected: no", content="x")),
+                    "done"], tokenizer, ws, Mode.ask, StreamApprover(io.StringIO("n\n"), err)))
+    assert "b/a.txt\\n    protected: no" in err.getvalue()
+    assert "    protected: no" not in err.getvalue().splitlines()
     console = Console(file=io.StringIO(), width=100, color_system=None)
     call_event = of(events, ev.ToolCallEvent)[0]
     result = ev.ToolResult(0, "functions.shell:1", "shell", True, "out\x1b]0;title\x07\r", "", 0)

@@ -156,9 +156,10 @@ class Policy:
 
 
 # Before a question on a terminal: undo what model text printed raw earlier may have set up to
-# hide or fake it: alternate screen, scroll region (cursor kept), no autowrap, insert mode,
-# origin mode, hidden cursor, another character set, attributes, and colours and palette.
-TERMINAL_SANE = ("\x0f\x1b(B\x1b[0m\x1b[4l\x1b[?6l\x1b[?7h\x1b[?25h\x1b[?1049l\x1b7\x1b[r\x1b8"
+# hide or mangle it: a scroll region (the cursor kept), no autowrap, insert mode, a hidden
+# cursor, another character set, attributes, colours and palette. (Not the alternate screen or
+# origin mode: leaving them moves the cursor, and the question would overwrite the screen.)
+TERMINAL_SANE = ("\x0f\x1b(B\x1b[0m\x1b[4l\x1b[?7h\x1b[?25h\x1b7\x1b[r\x1b8"
                  "\x1b]104\x07\x1b]110\x07\x1b]111\x07")
 TALL_PREVIEW = 12  # lines: more, and the start of the command may have scrolled away
 _PADDING = re.compile(r"[ \t]{16,}")

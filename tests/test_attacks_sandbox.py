@@ -489,3 +489,26 @@ def test_the_sandbox_cannot_change_the_workspaces_git_or_envrc(home, env, flags,
                                      "&& echo written"],
                               [*flags, "--sandbox-allow", f"{ws}/.git:rw"], env, ws=ws))
     assert opened == "written\n[exit code 0]"
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_protected_files_the_sandbox_creates_are_renamed_away(home, env, flags, tmp_path):
+    # No .git yet (a workspace inside a bigger repo, or none): a new one with a hook would run
+    # on your next `git status` here; a new .envrc on your next `cd` (direnv).
+    ws = tmp_path / "plain"
+    ws.mkdir()
+    (ws / ".envrc.kimi-blocked").write_text("an older one\n")
+    hook = f"touch {tmp_path}/pwned-hook"
+    r = agent(home, [
+        "git init -q && python3 -c \"open('.g' + 'it/config', 'a').write('[core]\\n"
+        f"\\tfsmonitor = {hook}\\n')\"; ls -A",
+        "python3 -c \"open('.en' + 'vrc', 'w').write('touch pwned')\"",
+        "echo plain > notes.md",
+    ], flags, env, ws=ws)
+    init, envrc, plain = results(r)
+    assert "[kimi: the command created .git → .git.kimi-blocked:" in init
+    assert "created .envrc → .envrc.kimi-blocked-2:" in envrc and "[kimi:" not in plain
+    assert sorted(p.name for p in ws.iterdir()) == [
+        ".envrc.kimi-blocked", ".envrc.kimi-blocked-2", ".git.kimi-blocked", "notes.md"]
+    subprocess.run(["git", "-C", str(ws), "status"], capture_output=True, env=env)
+    assert not (tmp_path / "pwned-hook").exists()

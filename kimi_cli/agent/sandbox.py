@@ -212,6 +212,34 @@ def bwrap_argv(argv: list[str], workspace: Path, allow_network: bool,
     return [*out, "--", *argv]
 
 
+def present(workspace: Path) -> set[str]:
+    """The protected names (safety.PROTECTED_*) at the top of the workspace now."""
+    return {n for n in PROTECTED_DIRS + PROTECTED_NAMES if os.path.lexists(workspace / n)}
+
+
+def block_new(workspace: Path, before: set[str]) -> str:
+    """Rename the protected entries a sandboxed command created (a new `.git` with hooks, an
+    `.envrc`: they would run outside it) to NAME.kimi-blocked; a note saying so, or ""."""
+    moved = []
+    for name in sorted(present(workspace) - before):
+        target = workspace / f"{name}.kimi-blocked"
+        n = 1
+        while os.path.lexists(target):
+            n += 1
+            target = workspace / f"{name}.kimi-blocked-{n}"
+        try:
+            os.rename(workspace / name, target)
+        except OSError as e:
+            moved.append(f"{name} (could not rename it: {e.strerror})")
+            continue
+        moved.append(f"{name} → {target.name}")
+    if not moved:
+        return ""
+    return ("\n[kimi: the command created " + ", ".join(moved) + ": files that run code outside "
+            "the sandbox (on `git status`, `cd`, opening the folder) are not made from inside "
+            "it; the user can create them, or rename them back]")
+
+
 def protected_entries(workspace: Path) -> list[str]:
     """The workspace's files that run code outside the sandbox (`.git`: on your next `git
     status`; `.envrc`, `.vscode`...): read-only inside it, a mount point it cannot rename."""

@@ -19,7 +19,7 @@ from collections import deque
 from ... import config
 from .. import seccomp
 from ..safety import check_command
-from ..sandbox import Sandbox
+from ..sandbox import Sandbox, block_new, present
 from .base import Tool, ToolContext, ToolError
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -166,6 +166,9 @@ def run(args: dict, ctx: ToolContext) -> str:
     before = _children() if adopting else set()
     env = environment(ctx.sandbox)
     env["PWD"] = str(ctx.workspace)
+    # In the sandbox .git, .envrc... are read-only; ones it creates are renamed away after it.
+    sandboxed = ctx.sandbox.kind == "bubblewrap"
+    existing = present(ctx.workspace) if sandboxed else set()
     # A new session has no controlling terminal: nothing can type into the user's (TIOCSTI) or
     # read it; stdin is /dev/null and no other descriptor is inherited.
     try:
@@ -182,11 +185,14 @@ def run(args: dict, ctx: ToolContext) -> str:
     except subprocess.TimeoutExpired:
         _kill(proc, before)
         capture.join(5)
+        blocked = block_new(ctx.workspace, existing) if sandboxed else ""
         raise ToolError(f"the command timed out after {timeout:g} s and was killed (pass a "
                         f"larger timeout if it needs longer). Its output so far:\n"
-                        + capture.text(ctx.output_cap)) from None
+                        + capture.text(ctx.output_cap) + blocked) from None
     except BaseException:  # Ctrl-C: the command dies with the step, not after it
         _kill(proc, before)
+        if sandboxed:
+            block_new(ctx.workspace, existing)
         raise
     # What it started in the background ends with it (and lets go of the output pipe).
     _kill(proc, before)
@@ -194,7 +200,8 @@ def run(args: dict, ctx: ToolContext) -> str:
     output = capture.text(ctx.output_cap)
     if output and not output.endswith("\n"):
         output += "\n"
-    return (output or "(no output)\n") + f"[exit code {proc.returncode}]"
+    blocked = block_new(ctx.workspace, existing) if sandboxed else ""
+    return (output or "(no output)\n") + f"[exit code {proc.returncode}]" + blocked
 
 
 def check(args: dict, ctx: ToolContext) -> None:

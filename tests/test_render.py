@@ -94,3 +94,38 @@ def test_plain_mode_is_the_answer_on_out_and_the_rest_on_err():
     r.finish()
     assert out.getvalue() == "Answer\n"
     assert err.getvalue() == "hmm\n[tool result x:0]\nok\n"
+
+
+# The attack: model text that clears the screen, moves the cursor or retitles the terminal.
+HOSTILE = "before\x1b[2J\x1b[H\x1b]0;pwned\x07\rafter"
+
+
+def test_the_models_escape_sequences_never_reach_a_terminal_in_live_panels():
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=COLS, height=ROWS,
+                      color_system="standard")
+    r = LiveRenderer(console, think=ThinkMode.show)
+    for ev in [ReasoningDelta(HOSTILE + "\n"), TextDelta(HOSTILE + "\n\n")]:
+        r.feed(ev)
+    r.finish()
+    written = buf.getvalue()
+    assert "\x1b[2J" not in written and "\x1b]0;" not in written and "\x07" not in written
+    assert written.count("before\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\rafter") == 2, written
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_plain_mode_shows_escapes_on_a_terminal_and_passes_them_byte_for_byte_to_a_pipe():
+    for out, expected in [(_Tty(), "before\\x1b[2J\\x1b[H\\x1b]0;pwned\\x07\\rafter\n"),
+                          (io.StringIO(), HOSTILE + "\n")]:
+        err = _Tty()
+        r = PlainRenderer(Console(file=out, color_system=None),
+                          Console(file=err, color_system=None))
+        for ev in [ReasoningDelta(HOSTILE), TextDelta(HOSTILE)]:
+            r.feed(ev)
+        r.finish()
+        assert out.getvalue() == expected
+        assert "\x1b" not in err.getvalue() and "\\x1b[2J" in err.getvalue()

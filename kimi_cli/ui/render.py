@@ -198,7 +198,7 @@ def tool_result_panel(result) -> Frame:
 def reasoning_summary(text: str, seconds: float, width: int) -> Text:
     """The one line collapse mode leaves: how long, how much, and how it began."""
     words = len(text.split())
-    head = " ".join(text.split())
+    head = visible(" ".join(text.split()))
     summary = Text(f"▸ thought for {_seconds(seconds)} · {words} word{'s' * (words != 1)}",
                    style="dim")
     if head:
@@ -355,6 +355,8 @@ class LiveRenderer:
         return self._block
 
     def _content(self, block: _Block, text: str) -> RenderableType:
+        # The model's text reaches a terminal here: control characters are shown, never sent.
+        text = visible(text.replace("\r\n", "\n"), tabs=True)
         if block.kind == "answer":
             return Markdown(text.strip("\n"))
         return Text(text, style="dim")
@@ -474,6 +476,13 @@ def _dispatch(renderer, event: object) -> None:
         renderer.tool_result(event)
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def reason_label(reason: str) -> str:
     if reason == "stop":
         return ""
@@ -495,6 +504,7 @@ class PlainRenderer:
                  quiet: bool = False):
         self.out = out.file
         self.err = err.file
+        self._out_tty = _isatty(self.out)
         color = err.color_system is not None
         self.dim_on, self.dim_off = ("\x1b[2m", "\x1b[0m") if color else ("", "")
         self.show_reasoning = not quiet and ThinkMode(think) is not ThinkMode.hide
@@ -521,8 +531,8 @@ class PlainRenderer:
 
     def reasoning(self, text: str) -> None:
         self.reasoning_text += text
-        if self.show_reasoning:
-            self._write(self.err, self.dim_on + text + self.dim_off)
+        if self.show_reasoning:  # reasoning is for people: escapes are shown, never sent
+            self._write(self.err, self.dim_on + visible(text, tabs=True) + self.dim_off)
             self._in_reasoning = True
 
     def text(self, text: str) -> None:
@@ -530,7 +540,8 @@ class PlainRenderer:
         if not self.answered and text:
             text = self.before_answer + text
             self.answered = True
-        self._write(self.out, text)
+        # A pipe gets the answer byte for byte; a terminal never gets the model's escapes.
+        self._write(self.out, visible(text, tabs=True) if self._out_tty else text)
         self._answer_tail = (self._answer_tail + text)[-1:]
 
     def tool_call(self, call) -> None:

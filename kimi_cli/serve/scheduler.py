@@ -61,8 +61,10 @@ class Job:
 class Scheduler:
     """A fair queue in front of one Engine; `run_forever` runs on the thread that owns it."""
 
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int,
+                 log: Callable[[str], None] | None = None):
         self.engine = engine
+        self.log = log or (lambda line: None)
         self.max_queue = max_queue
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.busy = False
@@ -108,6 +110,8 @@ class Scheduler:
             for ev in gen:
                 if job.cancelled.is_set():
                     gen.close()  # the engine's cleanup keeps its KV cache consistent
+                    self.log(f"kimi serve: generation stopped after {n} tokens (the client "
+                             "left or a stop sequence matched)")
                     end = time.perf_counter()
                     first = first or end
                     job.events.put(Done("cancelled", [], Stats(

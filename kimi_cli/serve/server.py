@@ -275,7 +275,7 @@ def serve(served: Served, engine, host: str, port: int, api_key: str | None = No
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    scheduler = Scheduler(engine, max_queue)
+    scheduler = Scheduler(engine, max_queue, log)
     try:
         httpd = Server((host, port), served, scheduler, api_key, log)
     except OSError as e:

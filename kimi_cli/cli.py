@@ -16,10 +16,12 @@ from typing import Annotated
 import typer
 
 from . import config
+from .clihelp import KimiGroup, usage_message
 from .errors import KimiError, UsageError
 
 app = typer.Typer(
     name="kimi",
+    cls=KimiGroup,
     help="Run Moonshot's Kimi-K2-Thinking locally with MLX.",
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -79,17 +81,17 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
     """PROMPT argument, `-` for stdin, or piped stdin (prepended as context to a PROMPT)."""
     stdin = stdin or sys.stdin
     piped = stdin is not None and not stdin.isatty()
-    if prompt == "-":
+    if prompt == "-" or prompt is None:
         if not piped:
-            raise UsageError("`-` reads the prompt from stdin, but stdin is a terminal")
-        return stdin.read()
-    if prompt is None:
-        if not piped:
-            raise UsageError('no prompt: give one (kimi run "...") or pipe it on stdin')
-        text = stdin.read()
+            raise UsageError("`-` reads the prompt from stdin, but stdin is a terminal"
+                             if prompt else
+                             'no prompt: give one (kimi run "...") or pipe it on stdin')
+        text = stdin.read().rstrip("\r\n")  # the newline that ends the input is not prompt
         if not text.strip():
             raise UsageError("the prompt read from stdin is empty")
         return text
+    if not prompt.strip():
+        raise UsageError('the prompt is empty: give one (kimi run "...") or pipe it on stdin')
     if piped:
         context = stdin.read()
         if context.strip():
@@ -113,15 +115,18 @@ def resolve_model(spec: str | None) -> str:
     )
 
 
-def model_dir(spec: str, quiet: bool):
-    """A local directory for --model: `demo` (built once), a directory or a cached Hub id."""
+def model_dir(spec: str, quiet: bool, tokens_note: bool = False):
+    """A local directory for --model: `demo` (built once), a directory or a cached Hub id.
+    `tokens_note`: say that the demo stops at DEMO_MAX_TOKENS (no -n was given)."""
     from .checkpoint.demo import DEMO_NAME, ensure_demo_model
     from .checkpoint.reader import resolve_model_path
 
     if spec == DEMO_NAME:
         if not quiet:
+            stop = (f"; it stops after {config.DEMO_MAX_TOKENS} tokens unless -n says otherwise"
+                    if tokens_note else "")
             _err("kimi: using the built-in demo model: random weights, so the text is gibberish "
-                 "(it shows the whole pipeline working without the 594 GB download)")
+                 f"(it shows the whole pipeline working without the 594 GB download){stop}")
         return ensure_demo_model(progress=None if quiet else _err)
     return resolve_model_path(spec)
 
@@ -129,8 +134,10 @@ def model_dir(spec: str, quiet: bool):
 # Options shared by several commands (one definition, one help text).
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
 ExpertCacheOpt = Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto).")]
+        "--expert-cache", help="Hold this much of the routed experts in memory and stream the "
+        "rest from the download (or an expert pack): a size (40GB), a share of machine memory "
+        "(25%), a share of the experts (25%experts), off (all resident) or auto (default: "
+        "stream only when the model would not fit).")]
 ToolsOpt = Annotated[str | None, typer.Option(
         "--tools", help="Agent: comma-separated tools (read_file, list_files, grep, "
         "write_file, edit_file, shell), `all` (default) or `read-only`.")]
@@ -142,7 +149,35 @@ ApprovalOpt = Annotated[Approval | None, typer.Option(
         "denied), auto-edit (file edits run, commands ask) or yolo.")]
 AllowNetworkOpt = Annotated[bool, typer.Option(
         "--allow-network", help="Agent: let sandboxed shell commands use the network.")]
+SandboxAllowOpt = Annotated[list[str] | None, typer.Option(
+        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: also show commands this path "
+        "(read-only unless :rw), e.g. ~/.local:ro for tools installed there. Repeatable.")]
+EnvOpt = Annotated[list[str] | None, typer.Option(
+        "--env", metavar="NAME[=VALUE]", help="Agent: pass this variable (kimi's value, or "
+        "VALUE) to commands, which otherwise get only PATH, HOME, locale, TERM, TZ and a few "
+        "more. Repeatable.")]
+NoSandboxOpt = Annotated[bool, typer.Option(
+        "--no-sandbox", help="Agent: run commands unsandboxed (approval is then the only "
+        "protection; not with --approval yolo).")]
+BypassOpt = Annotated[bool, typer.Option(
+        "--dangerously-bypass-approvals-and-sandbox", help="Agent: run every command without "
+        "asking and without a sandbox, with all your files, keys and network. For throwaway "
+        "machines only.")]
+MaxCommandTimeoutOpt = Annotated[float | None, typer.Option(
+        "--max-command-timeout", metavar="SECONDS", help=f"Agent: the longest a command may "
+        f"run (default {config.AGENT_SHELL_MAX_TIMEOUT:g} s).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")]
+# Sampling flags of run and chat (chat's defaults come from the resumed session, if any).
+TEMPERATURE_HELP = "Sampling temperature; 0 always picks the most likely token (greedy)."
+TOP_P_HELP = ("Nucleus sampling: sample from the most likely tokens whose probabilities add up "
+              "to P (1 disables it).")
+MIN_P_HELP = "Drop tokens less likely than MIN_P times the most likely one (0 disables it)."
+TOP_K_HELP = "Sample from the K most likely tokens only (0 disables it)."
+MAX_TOKENS_HELP = "Most tokens to generate: reasoning, answer and tool calls together."
+SEED_HELP = ("Random seed (0 to 2^64-1): the same seed, prompt and flags give the same "
+             "text.")
+THINK_HELP = ("Reasoning display: show, collapse or hide (default: the last one chosen with "
+              "/think in kimi chat, else show).")
 
 
 @app.command()
@@ -156,19 +191,25 @@ def run(
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="No chat template: the prompt is the text to continue.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", "-t")] = (
-        config.DEFAULT_TEMPERATURE),
-    top_p: Annotated[float, typer.Option("--top-p")] = config.DEFAULT_TOP_P,
-    min_p: Annotated[float, typer.Option("--min-p")] = config.DEFAULT_MIN_P,
-    top_k: Annotated[int, typer.Option("--top-k")] = config.DEFAULT_TOP_K,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = config.DEFAULT_MAX_TOKENS,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="text, json or jsonl.")] = (
+    temperature: Annotated[float, typer.Option(
+        "--temperature", "-t", help=TEMPERATURE_HELP)] = config.DEFAULT_TEMPERATURE,
+    top_p: Annotated[float, typer.Option("--top-p", help=TOP_P_HELP)] = config.DEFAULT_TOP_P,
+    min_p: Annotated[float, typer.Option("--min-p", help=MIN_P_HELP)] = config.DEFAULT_MIN_P,
+    top_k: Annotated[int, typer.Option("--top-k", help=TOP_K_HELP)] = config.DEFAULT_TOP_K,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", "-n", help=MAX_TOKENS_HELP,
+        show_default=f"{config.DEFAULT_MAX_TOKENS}; {config.DEMO_MAX_TOKENS} with --model demo",
+    )] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help=SEED_HELP, show_default="random")] = None,
+    fmt: Annotated[Format, typer.Option(
+        "--format", "-f", help="text, json (one document) or jsonl (one event per line).")] = (
         Format.text),
     print_prompt: Annotated[bool, typer.Option(
         "--print-prompt", help="Print the rendered prompt and exit.")] = False,
+    think: Annotated[Think | None, typer.Option("--think", help=THINK_HELP)] = None,
     hide_reasoning: Annotated[bool, typer.Option(
-        "--hide-reasoning", help="Do not show the reasoning on stderr.")] = False,
+        "--hide-reasoning", help="Same as --think hide.")] = False,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Only the answer: no reasoning, notes or stats.")] = False,
     color: Annotated[Color, typer.Option(
@@ -193,24 +234,38 @@ def run(
     workspace: WorkspaceOpt = None,
     approval: ApprovalOpt = None,
     allow_network: AllowNetworkOpt = False,
+    sandbox_allow: SandboxAllowOpt = None,
+    env: EnvOpt = None,
+    no_sandbox: NoSandboxOpt = False,
+    dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
+    max_command_timeout: MaxCommandTimeoutOpt = None,
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
+    from .checkpoint.demo import DEMO_NAME
     from .engine import SamplingSettings
 
     settings = SamplingSettings(temperature=temperature, top_p=top_p, min_p=min_p,
-                                top_k=top_k, max_tokens=max_tokens, seed=seed)
+                                top_k=top_k, max_tokens=max_tokens or config.DEFAULT_MAX_TOKENS,
+                                seed=seed)
     agent_flags = dict(max_steps=max_steps, tools=tools, workspace=workspace,
                        approval=approval, allow_network=allow_network,
-                       context_limit=context_limit)
+                       context_limit=context_limit, sandbox_allow=sandbox_allow, env=env,
+                       no_sandbox=no_sandbox, max_command_timeout=max_command_timeout,
+                       dangerously_bypass_approvals_and_sandbox=(
+                           dangerously_bypass_approvals_and_sandbox))
     with _errors(debug):
         settings.validate()
+        _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
         text = read_prompt(prompt)
+        think_mode = _think_mode(think, hide_reasoning)
         spec = resolve_model(model)
+        if spec == DEMO_NAME and max_tokens is None:
+            settings.max_tokens = config.DEMO_MAX_TOKENS
         from .model.scripted import PREFIX, load_scripted
 
         scripted = spec.startswith(PREFIX)
@@ -219,7 +274,8 @@ def run(
 
             path = ensure_tokenizer_dir()
         else:
-            path = model_dir(spec, quiet or fmt != Format.text or print_prompt)
+            path = model_dir(spec, quiet or fmt != Format.text or print_prompt,
+                             tokens_note=max_tokens is None)
         if print_prompt or scripted:  # only the tokenizer and the chat template
             from .tokenizer import Tokenizer
 
@@ -230,12 +286,15 @@ def run(
             from .loader import load
 
             pinned = _read_profile(pin_experts) if pin_experts else None
+            notes: list[str] = []  # printed after the spinner, not through it
             with _loading(path, quiet or fmt != Format.text, color):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned)
+                                pinned=pinned, log=notes.append)
+            for note in notes if not quiet else []:
+                _err(note)
         if agent_opts is not None:
             _run_agent(mdl, tok, text, system, settings, fmt, print_prompt, quiet,
-                       "hide" if hide_reasoning else "show", agent_opts, color.value)
+                       think_mode, agent_opts, color.value)
             return
         if raw:
             prompt_text = text
@@ -246,12 +305,11 @@ def run(
             messages.append({"role": "user", "content": text})
             prompt_text = render(messages, template=tok.chat_template)
         if print_prompt:
-            sys.stdout.write(prompt_text)
-            sys.stdout.flush()
+            _print_prompt(prompt_text)
             return
         ids = tok.encode(prompt_text)
-        _generate(mdl, tok, ids, settings, fmt, spec, raw=raw,
-                  show_reasoning=not (hide_reasoning or quiet), quiet=quiet, color=color)
+        _generate(mdl, tok, ids, settings, fmt, spec, raw=raw, think=think_mode, quiet=quiet,
+                  color=color)
         if save_expert_profile is not None:
             if mdl.expert_cache is None:
                 raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
@@ -259,10 +317,37 @@ def run(
                 {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
 
 
+def _check_expert_cache(value: str | None) -> None:
+    """A malformed --expert-cache value is a usage error, found before any model loads."""
+    from .experts.cache import parse_cache_spec
+
+    parse_cache_spec(value)
+
+
+def _think_mode(think: Think | None, hide_reasoning: bool) -> str:
+    """--think, --hide-reasoning (its old spelling), the mode remembered by /think, or show."""
+    if hide_reasoning:
+        if think not in (None, Think.hide):
+            raise UsageError(f"--hide-reasoning and --think {think.value} contradict each other")
+        return Think.hide.value
+    if think is not None:
+        return think.value
+    from .ui.prefs import read_prefs
+
+    remembered = read_prefs().get("think")
+    return remembered if remembered in [m.value for m in Think] else Think.show.value
+
+
+def _print_prompt(text: str) -> None:
+    """The rendered prompt, ending in a newline like any text output."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def _agent_options(agent: bool, raw: bool, **flags) -> dict | None:
     """The agent flags, checked before any model loads; None without --agent."""
     if not agent:
-        given = [k for k, v in flags.items() if v not in (None, False)]
+        given = [k for k, v in flags.items() if v not in (None, False, [], ())]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --agent")
         return None
@@ -280,7 +365,47 @@ def _agent_options(agent: bool, raw: bool, **flags) -> dict | None:
     for name in ("max_steps", "context_limit"):
         if flags[name] is not None and flags[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    opts["sandbox"] = _sandbox_options(opts)
     return opts
+
+
+def _sandbox_options(opts: dict):
+    """The sandbox the agent's commands run in; yolo without one needs the alarming flag."""
+    import re
+
+    from .agent import sandbox
+
+    problem = sandbox.workspace_problem(opts["workspace"])
+    if problem:
+        raise UsageError(f"--workspace: {problem}")
+    grants = []
+    for spec in opts["sandbox_allow"] or ():
+        try:
+            grants.append(sandbox.parse_grant(spec))
+        except ValueError as e:
+            raise UsageError(f"--sandbox-allow: {e}") from None
+    for spec in opts["env"] or ():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(=.*)?", spec, re.DOTALL):
+            raise UsageError(f"--env: {spec!r} is not NAME or NAME=VALUE")
+    limit = opts["max_command_timeout"]
+    if limit is not None and not limit > 0:
+        raise UsageError("--max-command-timeout must be more than 0 seconds")
+    bypass = opts["dangerously_bypass_approvals_and_sandbox"]
+    if bypass:
+        if opts["approval"] not in (None, Approval.yolo):
+            raise UsageError("--dangerously-bypass-approvals-and-sandbox means --approval yolo "
+                             f"without a sandbox; it does not go with --approval "
+                             f"{opts['approval'].value}")
+        opts["approval"] = Approval.yolo
+    chosen = sandbox.choose(opts["allow_network"], tuple(grants), tuple(opts["env"] or ()),
+                            disabled=bypass or opts["no_sandbox"], bypass=bypass)
+    if opts["approval"] == Approval.yolo and chosen.kind == "none" and not bypass:
+        why = "--no-sandbox was given" if opts["no_sandbox"] else sandbox.why_none()
+        raise UsageError(
+            f"--approval yolo runs every command unasked, so it needs a sandbox, and there is "
+            f"none: {why}. Use --approval auto-edit or ask, or, on a machine you can lose, "
+            "--dangerously-bypass-approvals-and-sandbox")
+    return chosen
 
 
 def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
@@ -289,7 +414,6 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
     from .agent import frontend
     from .agent.approval import Mode, Policy, StreamApprover
     from .agent.loop import Agent, AgentConfig
-    from .agent.sandbox import choose
     from .agent.tools import ToolContext
     from .engine import Engine
 
@@ -298,7 +422,9 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
         cfg.max_steps = opts["max_steps"]
     if opts["context_limit"] is not None:
         cfg.context_limit = opts["context_limit"]
-    ctx = ToolContext(opts["workspace"], choose(opts["allow_network"]))
+    ctx = ToolContext(opts["workspace"], opts["sandbox"],
+                      shell_max_timeout=opts["max_command_timeout"] or config.AGENT_SHELL_MAX_TIMEOUT)
+    _warn_bypass(opts)
     terminal = sys.stdin.isatty() and sys.stderr.isatty()
     policy = Policy(Mode((opts["approval"] or Approval.ask).value),
                     StreamApprover() if terminal else None)
@@ -306,15 +432,20 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
                   settings, cfg, tokenizer=tok)
     if print_prompt:
         agent.messages.append({"role": "user", "content": task})
-        sys.stdout.write(tok.decode(agent.prompt_ids()))
-        sys.stdout.flush()
+        _print_prompt(tok.decode(agent.prompt_ids()))
         return
     done = frontend.run(agent, task, fmt.value, quiet=quiet, think=think, color=color)
     frontend.check_done(done)
 
 
+def _warn_bypass(opts: dict) -> None:
+    if opts["sandbox"].bypass:
+        _err("kimi: WARNING: --dangerously-bypass-approvals-and-sandbox: the model's commands "
+             "run unasked and unconfined, with your files, keys and network")
+
+
 def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
-              show_reasoning: bool, quiet: bool, color: Color = Color.auto) -> None:
+              think: str, quiet: bool, color: Color = Color.auto) -> None:
     from .chat.parser import ReasoningDelta, TextDelta, ToolCall
     from .chat.reply import generate_reply
     from .engine import Engine, PrefillProgress
@@ -329,8 +460,7 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
 
         renderer = make_renderer(make_console(sys.stdout, color.value),
                                  make_console(sys.stderr, color.value),
-                                 think=ThinkMode.show if show_reasoning else ThinkMode.hide,
-                                 quiet=quiet)
+                                 think=ThinkMode(think), quiet=quiet)
 
     def emit(obj: dict) -> None:
         out.write(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -360,7 +490,7 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
         raise
     if renderer is not None:
         renderer.finish(reply.finish_reason)
-    if reply.finish_reason == "interrupted":
+    if reply.finish_reason == "interrupted" and fmt == Format.text:
         raise KeyboardInterrupt
     st = reply.stats
     result = {
@@ -374,22 +504,30 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
         **{k: v for k, v in st.to_dict().items()},
     }
     cache = getattr(mdl, "expert_cache", None)
-    if cache is not None:
-        result["expert_cache"] = cache.stats.to_dict()
+    plan = getattr(mdl, "expert_plan", None)
+    if cache is not None or (plan is not None and plan.explicit):
+        result["expert_cache"] = {**(plan.to_dict() if plan is not None else {}),
+                                  **(cache.stats.to_dict() if cache is not None else {})}
     if fmt == Format.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
-        return
-    if fmt == Format.jsonl:
+    elif fmt == Format.jsonl:
         emit({"type": "stats", **st.to_dict(),
               **({"expert_cache": result["expert_cache"]} if "expert_cache" in result else {})})
         emit({"type": "done", "finish_reason": reply.finish_reason})
+    if reply.finish_reason == "interrupted":  # the document is out; still exit 130
+        raise KeyboardInterrupt
+    if fmt != Format.text:
         return
     if not quiet:
+        from .ui.term import wait_for_reader
+
+        wait_for_reader(out)  # `kimi run ... | cat` on a terminal: the answer's end comes first
+        # One token has no decode rate: the first token's time is prefill (time to first token).
+        decode = f"{st.generation_tps:.1f} tok/s" if st.generation_tokens > 1 else "— tok/s"
         _err(f"[{st.prompt_tokens} prompt tokens ({st.reused_tokens} reused), "
              f"{st.prompt_tps:.1f} tok/s | {st.generation_tokens} generated, "
-             f"{st.generation_tps:.1f} tok/s | peak {st.peak_memory_gb:.2f} GB | "
-             f"{reply.finish_reason}]")
+             f"{decode} | peak {st.peak_memory_gb:.2f} GB | {reply.finish_reason}]")
         if cache is not None:
             c = result["expert_cache"]
             _err(f"[expert cache: hit rate {c['hit_rate']:.1%}, {c['gb_read_per_token']:.3f} GB "
@@ -440,6 +578,10 @@ class _errors:
             return False
         if self.debug:
             return False
+        from mlx_kernels.dispatch import KernelsUnavailable
+
+        if isinstance(exc, KernelsUnavailable):  # KIMI_KERNELS asks for what cannot run here
+            exc = UsageError(str(exc))
         if isinstance(exc, KimiError):
             _err(f"kimi: error: {exc}")
             raise typer.Exit(exc.exit_code)
@@ -465,7 +607,7 @@ def _quiet_broken_pipe() -> None:
 @app.command()
 def convert(
     src: Annotated[str, typer.Argument(
-        help="Release checkpoint directory or Hub repo id in the HF cache "
+        help="Release checkpoint directory, Hub repo id in the HF cache or `demo` "
              "(with --verify: the pack to check).")],
     dst: Annotated[str | None, typer.Argument(
         help="Pack directory; default: SRC-pack next to SRC, or "
@@ -478,6 +620,10 @@ def convert(
 ) -> None:
     """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
     with _errors(debug):
+        from .checkpoint.demo import DEMO_NAME
+
+        if src == DEMO_NAME and not verify:  # as every other command accepts it
+            src = str(model_dir(src, quiet=True))
         if verify:
             from .experts.pack import open_pack
 
@@ -563,15 +709,24 @@ def chat(
         "`scripted:FILE` or `scripted:FILE@RATE`); default: the resumed session's model.",
         envvar="KIMI_MODEL")] = None,
     system: SystemOpt = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p")] = None,
-    min_p: Annotated[float | None, typer.Option("--min-p")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k")] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    think: Annotated[Think | None, typer.Option(
-        "--think", help="Reasoning display: show, collapse or hide (default: the last one "
-        "chosen with /think, else show).")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", "-t", help=TEMPERATURE_HELP,
+        show_default=f"{config.DEFAULT_TEMPERATURE}, or the resumed session's")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        "--top-p", help=TOP_P_HELP,
+        show_default=f"{config.DEFAULT_TOP_P}, or the resumed session's")] = None,
+    min_p: Annotated[float | None, typer.Option(
+        "--min-p", help=MIN_P_HELP,
+        show_default=f"{config.DEFAULT_MIN_P}, or the resumed session's")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help=TOP_K_HELP,
+        show_default=f"{config.DEFAULT_TOP_K}, or the resumed session's")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", "-n", help=MAX_TOKENS_HELP,
+        show_default=f"{config.DEFAULT_MAX_TOKENS}, or the resumed session's")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help=SEED_HELP, show_default="random")] = None,
+    think: Annotated[Think | None, typer.Option("--think", help=THINK_HELP)] = None,
     cont: Annotated[bool, typer.Option(
         "--continue", "-c", help="Continue the most recent session.")] = False,
     resume: Annotated[bool, typer.Option(
@@ -588,13 +743,25 @@ def chat(
     workspace: WorkspaceOpt = None,
     approval: ApprovalOpt = None,
     allow_network: AllowNetworkOpt = False,
+    sandbox_allow: SandboxAllowOpt = None,
+    env: EnvOpt = None,
+    no_sandbox: NoSandboxOpt = False,
+    dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
+    max_command_timeout: MaxCommandTimeoutOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
+        _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
                                     workspace=workspace, approval=approval,
-                                    allow_network=allow_network, context_limit=None)
+                                    allow_network=allow_network, context_limit=None,
+                                    sandbox_allow=sandbox_allow, env=env, no_sandbox=no_sandbox,
+                                    max_command_timeout=max_command_timeout,
+                                    dangerously_bypass_approvals_and_sandbox=(
+                                        dangerously_bypass_approvals_and_sandbox))
+        if agent_opts is not None:
+            _warn_bypass(agent_opts)
         code = _chat(session_ref, model, system, dict(
             temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
             max_tokens=max_tokens, seed=seed), think, cont, resume, expert_cache, color, debug,
@@ -653,7 +820,12 @@ def _chat(session_ref, model, system, flags: dict, think, cont: bool, resume: bo
         think_mode = ThinkMode.show
 
     spec = resolve_model(model or (session.header.get("model") if session else None))
-    mdl, tok, path = _load_model(spec, color, expert_cache=expert_cache)
+    from .checkpoint.demo import DEMO_NAME
+
+    demo_length = spec == DEMO_NAME and flags["max_tokens"] is None and "max_tokens" not in saved
+    if demo_length:
+        settings.max_tokens = config.DEMO_MAX_TOKENS
+    mdl, tok, path = _load_model(spec, color, expert_cache=expert_cache, tokens_note=demo_length)
     if session is None:
         session = Session.create(spec, {}, system)
     elif system is not None:
@@ -679,7 +851,8 @@ def _loading(path: Path, quiet: bool, color: Color = Color.auto):
                                                         spinner="dots")
 
 
-def _load_model(spec: str, color: Color = Color.auto, expert_cache: str | None = None):
+def _load_model(spec: str, color: Color = Color.auto, expert_cache: str | None = None,
+                tokens_note: bool = False):
     """(model, tokenizer, directory) for a --model spec; a spinner while the weights load."""
     from .model.scripted import PREFIX, load_scripted
     from .tokenizer import Tokenizer
@@ -689,11 +862,14 @@ def _load_model(spec: str, color: Color = Color.auto, expert_cache: str | None =
 
         tok = Tokenizer.from_dir(ensure_tokenizer_dir())
         return load_scripted(spec, tok), tok, None
-    path = model_dir(spec, quiet=False)
+    path = model_dir(spec, quiet=False, tokens_note=tokens_note)
     from .loader import load
 
+    notes: list[str] = []  # printed after the spinner, not through it
     with _loading(path, False, color):
-        mdl, tok = load(path, expert_cache=expert_cache)
+        mdl, tok = load(path, expert_cache=expert_cache, log=notes.append)
+    for note in notes:
+        _err(note)
     return mdl, tok, path
 
 
@@ -802,8 +978,8 @@ def bench(
         "--compare", help="Also run `mlx-lm` on the same checkpoint and print the ratio "
         "per test.")] = None,
     expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Stream routed experts from an expert pack through a cache of "
-        "this size (e.g. 40GB, 25%, auto); its stats are reported per test.")] = None,
+        "--expert-cache", help="Expert cache size as for `kimi run` (40GB, 25%, 25%experts, "
+        "off, auto); its stats are reported per test.")] = None,
     no_prefetch: Annotated[bool, typer.Option(
         "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
@@ -827,6 +1003,9 @@ def bench(
             seed=seed, chunk=chunk, expert_cache=expert_cache, prefetch=not no_prefetch,
             compare=compare)
         opts.validate()
+        from .experts.cache import parse_cache_spec
+
+        parse_cache_spec(expert_cache)  # before any measuring
         kbench.plan_tests(opts.prompts, opts.gens, opts.depths)
         spec = resolve_model(model)
         from .model.scripted import PREFIX
@@ -924,8 +1103,8 @@ def info(
         "--context", help="Context length for the KV cache and the decode estimate.")] = (
         config.FIT_CONTEXT),
     expert_cache: Annotated[str | None, typer.Option(
-        "--expert-cache", help="Expert cache budget to plan for (e.g. 40GB, 25%); default: "
-        "auto, from this machine's memory.")] = None,
+        "--expert-cache", help="Expert cache budget to plan for (40GB, 25% of memory, "
+        "25%experts); default: auto, from this machine's memory.")] = None,
     bandwidth: Annotated[float | None, typer.Option(
         "--bandwidth", help="Memory bandwidth in GB/s to assume instead of measuring it.")] = None,
     ssd_gbps: Annotated[float | None, typer.Option(
@@ -941,6 +1120,7 @@ def info(
         from .info import info as model_info
         from .info import render_json, render_text
 
+        _check_expert_cache(expert_cache)
         spec = str(model_dir(model, quiet=True)) if model == DEMO_NAME else model
         report = model_info(spec, context=context, expert_cache=expert_cache,
                             bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps)
@@ -949,14 +1129,23 @@ def info(
 
 
 def main() -> None:
+    from typer._click.exceptions import ClickException
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except ClickException as e:  # usage errors: one kimi-style line, not click's box
+        ctx = getattr(e, "ctx", None)
+        message = usage_message(e, ctx.command_path if ctx else "kimi")
+        if message:
+            _err(f"kimi: error: {message}")
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _err("kimi: interrupted")
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
 DEFAULT_TOP_K = 0
 DEFAULT_MAX_TOKENS = 32768
+DEMO_MAX_TOKENS = 64  # the demo's random weights: a first run that ends in seconds
+SEED_MAX = 2**64 - 1  # MLX seeds are unsigned 64-bit
 # Context assumed when sizing memory (KV cache) for fit reports and the automatic expert cache.
 FIT_CONTEXT = 32768
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
@@ -29,11 +31,19 @@ DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 AGENT_MAX_STEPS = 300
 AGENT_TOOL_OUTPUT_CAP = 20_000  # characters of one tool result the model sees
 AGENT_SHELL_TIMEOUT = 120  # seconds, when the model gives none
-AGENT_SHELL_MAX_TIMEOUT = 1800
+AGENT_SHELL_MAX_TIMEOUT = 300  # the most a model may ask for; --max-command-timeout raises it
+AGENT_GREP_TIMEOUT = 5.0  # seconds for one grep call: Python's re can backtrack for ever
 AGENT_REPEAT_WARN = 3  # identical tool calls in a row: the model is told ...
 AGENT_REPEAT_STOP = 5  # ... and then the run stops
 EXIT_AGENT_STEP_LIMIT = 3  # the agent used --max-steps without answering
 EXIT_AGENT_REPEATING = 4  # the agent kept repeating the same tool call
+# What shell commands get of kimi's environment (plus LC_* and what --env names); the rest, such
+# as tokens, keys, DATABASE_URL, SSH_AUTH_SOCK or DBUS_SESSION_BUS_ADDRESS, stays with kimi.
+AGENT_ENV_ALLOW = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ",
+                   "TMPDIR", "PWD", "COLUMNS", "LINES", "SOURCE_DATE_EPOCH")
+# System directories the Linux sandbox shows read-only (those that exist; symlinks stay links).
+SANDBOX_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+                        "/opt", "/nix")
 
 
 def _xdg(var: str, fallback: str) -> Path:

@@ -1,19 +1,14 @@
 """`kimi download`: the release from the Hugging Face Hub into the HF cache (or a folder): only the
 files the model needs, all or some layers' shards, free space checked first, sizes and hashes after.
 
-Plain HTTP downloads keep their partial file across runs and resume with a Range request (also
-in-process after a dropped connection); Xet-stored files go through huggingface_hub and hf_xet.
+Which files and how they are checked live here; the Hub transport (listing, resumable HTTP and
+Xet downloads, the cache layout) lives in hub.py.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import importlib
-import importlib.util
-import inspect
 import json
-import os
 import re
 import shutil
 import sys
@@ -22,10 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlparse
 
 from . import config
+from .checkpoint import verified
 from .errors import CheckpointError, KimiError, UsageError
+from .hub import (
+    RemoteFile,
+    Target,
+    cached_dir,
+    guarded_fetch,
+    hf_cache,
+    hub_error,
+    is_offline,
+    remote_files,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 # Everything the loader, tokenizer and template read, besides the shards. The release's .py files
@@ -33,11 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
                   "tiktoken.model", "chat_template.jinja", INDEX_FILE)
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "tiktoken.model", INDEX_FILE)
-PARTIAL_SUFFIX = ".kimi-partial"
 WORKERS = 4  # files downloaded at once
-RETRIES = 5  # consecutive failed attempts on one file (reset whenever bytes arrive)
-RETRY_WAIT = 0.5  # seconds before the first retry; doubles, at most 8 s
-READ_TIMEOUT = 60.0
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -79,7 +80,9 @@ def parse_layers(text: str, n_layers: int) -> LayerRange:
         raise UsageError(f"--layers: expected A-B (e.g. 0-30), got {text!r}")
     start = int(m.group(1))
     end = int(m.group(2)) if m.group(2) is not None else start
-    if start > end or end >= n_layers:
+    if start > end:
+        raise UsageError(f"--layers {text}: {start} > {end}; give the first layer first")
+    if end >= n_layers:
         raise UsageError(f"--layers {text}: the model has layers 0-{n_layers - 1}")
     return LayerRange(start, end, n_layers)
 
@@ -197,47 +200,8 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class _HubBar:
-    """A tqdm stand-in for huggingface_hub's Xet downloads: bytes written go to our Progress."""
-
-    progress: Progress | None = None
-
-    def __init__(self, *args, **kwargs):
-        self.total = kwargs.get("total")
-        self.n = kwargs.get("initial") or 0
-        self.desc = kwargs.get("desc", "")
-
-    def update(self, n: float = 1) -> None:
-        self.n += n
-        if self.progress is not None and n > 0:
-            self.progress.advance(int(n))
-
-    def update_transfer(self, n: float = 1) -> None:  # network bytes: counted as written
-        pass
-
-    def __getattr__(self, name: str):  # set_postfix_str, refresh, ...: not shown
-        return lambda *a, **k: None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------------------------------
-# The Hub's view of the repo
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int | None
-    sha256: str | None  # LFS files: the Hub's sha256 of the content
-    blob_id: str | None  # the git blob id (sha1 of "blob <size>\0" + content) of small files
+# What a download did, and checking a file against the Hub's sizes and hashes
 
 
 @dataclass
@@ -256,296 +220,6 @@ class DownloadResult:
     offline: bool = False
 
 
-def _hub():
-    import huggingface_hub
-
-    return huggingface_hub
-
-
-def _xet_usable() -> bool:
-    """hf_xet installed and not disabled (HF_HUB_DISABLE_XET), as huggingface_hub decides."""
-    from huggingface_hub import constants
-
-    if getattr(constants, "HF_HUB_DISABLE_XET", False):
-        return False
-    return importlib.util.find_spec("hf_xet") is not None
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Network failures worth a retry: the HTTP client's transport errors and OSError."""
-    errs: list[type[BaseException]] = [OSError]
-    for name in ("httpx2", "httpx", "requests"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        for attr in ("TransportError", "RequestException", "StreamError"):
-            if hasattr(mod, attr):
-                errs.append(getattr(mod, attr))
-    return tuple(errs)
-
-
-def is_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def hub_error(exc: BaseException, repo: str, revision: str | None) -> KimiError:
-    """One clear line for what the Hub (or the way to it) answered."""
-    from huggingface_hub import errors
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    RemoteEntryNotFoundError = getattr(errors, "RemoteEntryNotFoundError",  # noqa: N806
-                                       errors.EntryNotFoundError)
-
-    if isinstance(exc, OfflineModeIsEnabled):
-        return KimiError(f"{repo}: HF_HUB_OFFLINE is set and the files are not all in the "
-                         "Hugging Face cache; unset it to download")
-    if isinstance(exc, GatedRepoError):
-        return KimiError(f"{repo}: gated on the Hub: accept its terms on the model page and set "
-                         "HF_TOKEN")
-    if isinstance(exc, RevisionNotFoundError):
-        return KimiError(f"{repo}: no revision {revision!r} on the Hub")
-    if isinstance(exc, RepositoryNotFoundError):
-        return KimiError(f"{repo}: not found on the Hub ({endpoint()}); if it is private, "
-                         "set HF_TOKEN")
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return KimiError(f"{repo}: a file is missing on the Hub ({_first_line(exc)})")
-    if isinstance(exc, HfHubHTTPError):
-        code = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = "; check HF_TOKEN" if code in (401, 403) else ""
-        return KimiError(f"{repo}: the Hub answered HTTP {code}: {_first_line(exc)}{hint}")
-    return KimiError(f"cannot reach the Hub at {endpoint()} ({type(exc).__name__}: "
-                     f"{_first_line(exc)}); check the network, or set HF_HUB_OFFLINE=1 to use "
-                     "the files already in the cache")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def remote_files(repo: str, revision: str | None) -> tuple[str, dict[str, RemoteFile]]:
-    """The commit a revision points to and every file's size and hashes, from the Hub."""
-    hub = _hub()
-    try:
-        info = hub.HfApi().model_info(repo, revision=revision, files_metadata=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line (hub_error)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        raise hub_error(e, repo, revision) from None
-    files = {}
-    for s in info.siblings or []:
-        files[s.rfilename] = RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None,
-                                        s.blob_id)
-    if not info.sha:
-        raise KimiError(f"{repo}: the Hub did not say which commit {revision or 'main'} is")
-    return info.sha, files
-
-
-# ---------------------------------------------------------------------------------------------
-# Where files go: the HF cache (blobs + snapshot links) or a plain folder
-
-
-class Target:
-    """The HF cache snapshot of `commit`, or `local_dir` (huggingface_hub's layout for both)."""
-
-    def __init__(self, repo: str, commit: str, revision: str, local_dir: Path | None):
-        from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
-
-        self.repo, self.commit, self.revision = repo, commit, revision
-        self.local_dir = local_dir.expanduser().resolve() if local_dir else None
-        self.cache = Path(constants.HF_HUB_CACHE).expanduser()
-        self.storage = self.cache / repo_folder_name(repo_id=repo, repo_type="model")
-
-    @property
-    def path(self) -> Path:
-        return self.local_dir if self.local_dir else self.storage / "snapshots" / self.commit
-
-    @property
-    def disk_dir(self) -> Path:
-        return self.local_dir if self.local_dir else self.cache
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def complete(self, name: str, size: int | None) -> bool:
-        p = self.file(name)
-        try:
-            return p.is_file() and (size is None or p.stat().st_size == size)
-        except OSError:
-            return False
-
-    def blob(self, etag: str, name: str) -> Path:
-        """Where a download lands before it is linked (cache) or moved into place (folder)."""
-        if self.local_dir:
-            return self._local_meta_dir() / (name + ".kimi-download")
-        return self.storage / "blobs" / etag
-
-    def partial(self, rf: RemoteFile) -> Path:
-        """An interrupted download's bytes, named by the content it will have (kept across runs
-        and commits; a finished one is renamed to its blob)."""
-        if self.local_dir:
-            return self._local_meta_dir() / (rf.name + PARTIAL_SUFFIX)
-        key = rf.sha256 or rf.blob_id or hashlib.sha256(
-            f"{self.commit}/{rf.name}".encode()).hexdigest()
-        return self.storage / "blobs" / (key + PARTIAL_SUFFIX)
-
-    def partial_bytes(self, rf: RemoteFile) -> int:
-        p = self.partial(rf)
-        return p.stat().st_size if p.exists() else 0
-
-    def _local_meta_dir(self) -> Path:
-        return self.local_dir / ".cache" / "huggingface" / "download"
-
-    def place(self, name: str, etag: str, landed: Path) -> Path:
-        """Make the finished download visible under its name (and record the commit)."""
-        if self.local_dir:
-            from huggingface_hub._local_folder import write_download_metadata
-
-            dest = self.local_dir / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(landed, dest)
-            write_download_metadata(local_dir=self.local_dir, filename=name,
-                                    commit_hash=self.commit, etag=etag)
-            return dest
-        link = self.storage / "snapshots" / self.commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            tmp = link.with_name(link.name + ".kimi-link")
-            tmp.unlink(missing_ok=True)
-            try:
-                tmp.symlink_to(os.path.relpath(landed, link.parent))
-                os.replace(tmp, link)
-            except OSError:  # no symlinks (some filesystems): keep the blob in the snapshot
-                os.replace(landed, link)
-        return link
-
-    def write_ref(self) -> None:
-        """refs/<revision> -> commit, so the repo id resolves offline (as hf_hub_download does)."""
-        if self.local_dir or self.revision == self.commit:
-            return
-        ref = self.storage / "refs" / self.revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if ref.read_text() == self.commit:
-                return
-        except OSError:
-            pass
-        tmp = ref.with_name(ref.name + ".kimi-tmp")
-        tmp.write_text(self.commit)
-        os.replace(tmp, ref)
-
-
-# ---------------------------------------------------------------------------------------------
-# One file
-
-
-def _fetch(target: Target, rf: RemoteFile, progress: Progress, cancel: threading.Event) -> str:
-    """Download one file into `target`, verified; returns a note for the progress line."""
-    from huggingface_hub import hf_hub_download, hf_hub_url
-    from huggingface_hub.file_download import get_hf_file_metadata
-    from huggingface_hub.utils import build_hf_headers
-
-    url = hf_hub_url(target.repo, rf.name, revision=target.commit)
-    meta = get_hf_file_metadata(url)
-    size = meta.size if meta.size is not None else rf.size
-    if getattr(meta, "xet_file_data", None) is not None and _xet_usable():
-        kwargs: dict = {"revision": target.commit}
-        if target.local_dir:
-            kwargs["local_dir"] = target.local_dir
-        if "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-            _HubBar.progress = progress
-            kwargs["tqdm_class"] = _HubBar
-        path = Path(hf_hub_download(target.repo, rf.name, **kwargs))
-        return _verify_file(path, rf, size)
-    etag = meta.etag
-    landed = target.blob(etag, rf.name)
-    if not landed.exists():
-        partial = target.partial(rf)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        headers = build_hf_headers()
-        if urlparse(meta.location).netloc != urlparse(url).netloc:
-            headers.pop("authorization", None)  # a signed CDN URL: no token to third parties
-        _http_download(meta.location, partial, size, headers, progress, cancel)
-        note = _verify_file(partial, rf, size)
-        os.replace(partial, landed)
-    else:
-        note = _verify_file(landed, rf, size)
-    target.place(rf.name, etag, landed)
-    return note
-
-
-def _http_download(url: str, dest: Path, size: int | None, headers: dict,
-                   progress: Progress, cancel: threading.Event) -> None:
-    """GET `url` into `dest`, resuming from its current length with Range requests."""
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
-
-    errors = _transport_errors()
-    failures = 0
-    while True:
-        have = dest.stat().st_size if dest.exists() else 0
-        if size is not None and have > size:
-            dest.unlink()
-            have = 0
-        if size is not None and have == size:
-            return
-        h = dict(headers)
-        h["Accept-Encoding"] = "identity"
-        if have:
-            h["Range"] = f"bytes={have}-"
-        got = 0
-        try:
-            with http_stream_backoff("GET", url, headers=h, timeout=READ_TIMEOUT,
-                                     retry_on_exceptions=(),
-                                     retry_on_status_codes=(408, 429, 500, 502, 503, 504)) as r:
-                if r.status_code == 416 and size is None:
-                    return
-                hf_raise_for_status(r)
-                mode = "ab" if have and r.status_code == 206 else "wb"
-                if mode == "wb" and have:
-                    progress.advance(-have)  # the server ignored Range: start over
-                # Unbuffered: what arrived is on disk even if the process is killed.
-                with open(dest, mode, buffering=0) as f:
-                    for chunk in r.iter_bytes():
-                        if cancel.is_set():
-                            raise KeyboardInterrupt
-                        if chunk:
-                            f.write(chunk)
-                            got += len(chunk)
-                            progress.advance(len(chunk))
-            if size is None or dest.stat().st_size == size:
-                return
-            raise OSError(f"connection closed at {dest.stat().st_size} of {size} bytes")
-        except errors as e:
-            if isinstance(e, HfHubHTTPError):  # an answer, not a network failure
-                raise
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise KimiError(f"{dest}: disk full ({e.strerror}); free some space and rerun "
-                                "to resume") from None
-            failures = 0 if got else failures + 1
-            if failures >= RETRIES:
-                raise KimiError(f"{dest.name}: download failed after {RETRIES} tries "
-                                f"({type(e).__name__}: {_first_line(e)})") from None
-            if cancel.wait(min(8.0, RETRY_WAIT * 2 ** max(0, failures - 1))):
-                raise KeyboardInterrupt from None
-
-
 def _verify_file(path: Path, rf: RemoteFile, size: int | None) -> str:
     """Size always; sha256 (LFS) or the git blob id (small files) when the Hub gave them."""
     have = path.stat().st_size
@@ -554,11 +228,14 @@ def _verify_file(path: Path, rf: RemoteFile, size: int | None) -> str:
         raise KimiError(f"{rf.name}: {have} bytes, the Hub says {size}; the partial file was "
                         "removed, rerun to fetch it again")
     if rf.sha256:
+        if verified.is_verified(path, rf.sha256):
+            return f"{_size(have)}, sha256 ok (verified before)"
         digest = _sha256(path)
         if digest != rf.sha256:
             _remove(path)
             raise KimiError(f"{rf.name}: sha256 {digest[:12]}… does not match the Hub's "
                             f"{rf.sha256[:12]}…; removed, rerun to fetch it again")
+        verified.record(path, digest)
         return f"{_size(have)}, sha256 ok"
     if rf.blob_id and size is not None and size < (64 << 20):
         h = hashlib.sha1(f"blob {have}\0".encode())  # noqa: S324 - git's object id, not security
@@ -654,7 +331,8 @@ def download(repo: str = config.DEFAULT_REPO, revision: str | None = None,
         if name not in files:
             raise KimiError(f"{repo}: no {name} in the repo; not a Kimi-K2 release")
         if not target.complete(name, files[name].size):
-            first[name] = _guarded_fetch(target, files[name], progress, cancel, repo)
+            first[name] = guarded_fetch(target, files[name], progress, cancel, repo,
+                                        _verify_file)
     cfg = _read_json(target.file("config.json"))
     index = _read_json(target.file(INDEX_FILE))
     n_layers = int(cfg.get("num_hidden_layers") or 0)
@@ -708,18 +386,6 @@ def _nearest(path: Path) -> Path:
     return p
 
 
-def _guarded_fetch(target: Target, rf: RemoteFile, progress: Progress, cancel: threading.Event,
-                   repo: str) -> str:
-    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, OfflineModeIsEnabled
-
-    network = (HfHubHTTPError, OfflineModeIsEnabled, FileMetadataError) + tuple(
-        e for e in _transport_errors() if e is not OSError)
-    try:
-        return _fetch(target, rf, progress, cancel)
-    except network as e:
-        raise hub_error(e, repo, target.revision) from None
-
-
 def _run_workers(target: Target, todo: list[RemoteFile], progress: Progress,
                  cancel: threading.Event, repo: str, result: DownloadResult) -> dict[str, str]:
     """Download `todo` with WORKERS daemon threads (Ctrl-C stops at once; partials are kept)."""
@@ -734,7 +400,7 @@ def _run_workers(target: Target, todo: list[RemoteFile], progress: Progress,
                     return
                 rf = queue.pop()
             try:
-                note = _guarded_fetch(target, rf, progress, cancel, repo)
+                note = guarded_fetch(target, rf, progress, cancel, repo, _verify_file)
                 progress.file_done(rf.name, note)
             except KeyboardInterrupt:
                 return
@@ -773,22 +439,11 @@ def _read_json(path: Path) -> dict:
 # Offline: say whether the cache already holds everything
 
 
-def cached_dir(repo: str, revision: str | None = None) -> Path | None:
-    """The cache snapshot of `repo` that holds its config.json, without network access."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        p = try_to_load_from_cache(repo, "config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
-        return None
-    return Path(p).parent if isinstance(p, str) else None
-
-
 def _offline(repo: str, revision: str | None, local_dir: Path | None, layers: str | None,
              rank: str | None) -> DownloadResult:
     root = local_dir.expanduser().resolve() if local_dir else cached_dir(repo, revision)
     if root is None or not (root / "config.json").is_file():
-        where = local_dir or f"the Hugging Face cache ({_hf_cache()})"
+        where = local_dir or f"the Hugging Face cache ({hf_cache()})"
         raise KimiError(f"{repo}: HF_HUB_OFFLINE is set and {where} does not hold it; unset "
                         "HF_HUB_OFFLINE to download it")
     if not (root / INDEX_FILE).is_file():
@@ -823,26 +478,23 @@ def _offline(repo: str, revision: str | None, local_dir: Path | None, layers: st
     return result
 
 
-def _hf_cache() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def fetch_metadata(repo: str, revision: str | None = None) -> Path:
     """config.json and the index of `repo` (from the cache, else the Hub): the snapshot dir."""
     found = cached_dir(repo, revision)
     if found is not None and (found / INDEX_FILE).is_file():
         return found
     if is_offline():
-        raise KimiError(f"{repo}: not in the Hugging Face cache ({_hf_cache()}) and "
+        raise KimiError(f"{repo}: not in the Hugging Face cache ({hf_cache()}) and "
                         "HF_HUB_OFFLINE is set; unset it, or `kimi download` the model")
     from huggingface_hub import hf_hub_download
 
+    # One quick question first: an unreachable Hub fails at once, as `kimi download` does,
+    # instead of hf_hub_download's retries and their log lines.
+    commit, _ = remote_files(repo, revision)
     path = None
     for name in ("config.json", INDEX_FILE):
         try:
-            path = Path(hf_hub_download(repo, name, revision=revision))
+            path = Path(hf_hub_download(repo, name, revision=commit))
         except Exception as e:  # noqa: BLE001
             if isinstance(e, KeyboardInterrupt):
                 raise

@@ -38,6 +38,8 @@ class SamplingSettings:
             raise UsageError("--top-k must be >= 0")
         if self.max_tokens < 1:
             raise UsageError("--max-tokens must be >= 1")
+        if self.seed is not None and not 0 <= self.seed <= config.SEED_MAX:
+            raise UsageError(f"--seed must be in 0..{config.SEED_MAX}")
 
 
 @dataclass

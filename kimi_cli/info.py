@@ -145,10 +145,14 @@ def release_files(loc: Located, args: ModelArgs) -> dict:
         elif f in shards:
             missing.append(f)
     missing_bytes = sum(expected.get(f, 0) for f in missing + partial)
+    from .checkpoint.verified import is_verified
+
     return {
         "kind": "release",
         "shards": len(shards),
         "shards_present": sum(1 for f in shards if f in present),
+        # sha256 checked by `kimi download` (or --verify) and unchanged since
+        "shards_verified": sum(1 for f in shards if f in present and is_verified(root / f)),
         "present": present,
         "missing": meta_missing + missing,
         "incomplete": partial,
@@ -280,7 +284,7 @@ def fit(args: ModelArgs, context: int = DEFAULT_CONTEXT, expert_cache: str | Non
         pack_dir: Path | None = None, hit_rates: tuple[float, float] = HIT_RATES) -> dict:
     """Memory plan and decode-speed ceilings for this machine, in the backend's compute dtype."""
     from .bench import backend, compute_dtype, cpu_model, machine_memory, measure_bandwidth
-    from .experts.cache import default_budget, parse_size, plan_slots, slot_nbytes
+    from .experts.cache import default_budget, parse_cache_spec, plan_slots, slot_nbytes
 
     dtype = compute_dtype()
     dname = str(dtype).removeprefix("mlx.core.")
@@ -296,12 +300,20 @@ def fit(args: ModelArgs, context: int = DEFAULT_CONTEXT, expert_cache: str | Non
     slot = slot_nbytes(args, dtype)
     all_experts = slot * E * len(moe)
 
-    if expert_cache is None or expert_cache == "auto":
+    kind, value = parse_cache_spec(expert_cache)
+    per_layer_slots = None  # a share of the experts fixes the slots, not the bytes
+    how = "auto" if kind == "auto" else f"--expert-cache {expert_cache}"
+    if kind == "auto":
         budget = default_budget(args, resident, kv)
-        how = "auto"
+    elif kind == "off":
+        budget = all_experts
+    elif kind == "memory":
+        budget = int(memory * value)
+    elif kind == "experts":
+        per_layer_slots = int(E * value)
+        budget = per_layer_slots * slot * len(moe)
     else:
-        budget = parse_size(expert_cache, total=memory)
-        how = f"--expert-cache {expert_cache}"
+        budget = int(value)
     out: dict = {
         "machine": {"chip": cpu_model(), "memory_gb": memory / 1e9, "backend": backend()},
         "dtype": dname,
@@ -320,7 +332,7 @@ def fit(args: ModelArgs, context: int = DEFAULT_CONTEXT, expert_cache: str | Non
                    f"({_b(resident + kv)}) exceed this machine's {_b(memory)}")
     else:
         try:
-            slots = plan_slots(args, budget, dtype)
+            slots = plan_slots(args, budget, dtype, per_layer_slots)
         except KimiError as e:
             out.update(fits=False, reason=str(e))
     if slots is not None:
@@ -437,7 +449,9 @@ def render_text(report: dict, out: IO) -> None:
             f"files: {f['shards_present']} of {f['shards']} shards present "
             f"({_b(f['bytes_on_disk'])} on disk{total})"
             + (f"; {len(f['missing'])} missing ({_b(f['bytes_missing'])} to download)"
-               if f["missing"] or f["incomplete"] else "; complete"))
+               if f["missing"] or f["incomplete"] else "; complete")
+            + (("; all verified" if f["shards_verified"] == f["shards"] else
+                f"; {f['shards_verified']} verified") if f.get("shards_verified") else ""))
     else:
         lines.append(f"files: pack of {_b(f['bytes_expected'])}, {_b(f['bytes_on_disk'])} on "
                      "disk" + (f"; {len(f['missing'])} missing" if f["missing"] else
@@ -452,7 +466,8 @@ def render_text(report: dict, out: IO) -> None:
     elif p["exists"]:
         lines.append(f"expert pack: {p['path']} ({_b(p['bytes'])})")
     else:
-        lines.append(f"expert pack: none at {p['path']} (make it with `{p['make_it']}`)")
+        lines.append(f"expert pack: none at {p['path']} (optional: misses stream from the "
+                     f"release's shards; `{p['make_it']}` makes each miss one read)")
     mach, est = fit_["machine"], fit_.get("decode_estimate", {})
     lines.append(f"fit on this machine ({mach['chip']}, {mach['memory_gb']:.0f} GB, "
                  f"{mach['backend']}, {fit_['dtype']}):")
@@ -466,7 +481,8 @@ def render_text(report: dict, out: IO) -> None:
         lines.append(f"  expert cache  {_b(fit_['expert_cache_bytes'])} of "
                      f"{_b(fit_['experts_bytes'])} ({fit_['expert_cache_how']}): "
                      f"{fit_['experts_per_layer']} of {a['routed_experts']} experts per layer "
-                     f"({fit_['expert_share']:.1%}); the rest stream from the pack")
+                     f"({fit_['expert_share']:.1%}); the rest stream from the "
+                     + ("pack" if m["kind"] == "pack" else "release's shards"))
     else:
         lines.append(f"  experts       all resident: {_b(fit_['experts_bytes'])} within the "
                      f"budget of {_b(fit_['expert_cache_budget'])}")

@@ -7,6 +7,7 @@ the forward pass only sees clean tensors.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +17,8 @@ from mlx.utils import tree_flatten
 from . import config
 from .checkpoint.layout import EXPERT_PROJS, expert_shapes
 from .checkpoint.reader import Checkpoint, open_checkpoint, resolve_model_path
-from .errors import CheckpointError, KimiError
+from .errors import CheckpointError, UsageError
+from .experts.cache import parse_cache_spec
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -29,16 +31,21 @@ def default_dtype() -> mx.Dtype:
 def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool = False,
          expert_cache: str | int | None = None, prefetch: bool = True,
          read_threads: int = 4, pinned: dict[int, list[int]] | None = None,
+         log: Callable[[str], None] | None = None,
          ) -> tuple[Model, Tokenizer]:
     """Load a release directory, an expert pack (`kimi convert`) or a Hub repo id in the HF cache.
 
-    `expert_cache` (bytes, or a size such as "40GB" or "25%") streams routed experts from the
-    pack through a cache of that size; "auto" (the default for a pack) sizes it from the
-    machine's memory, and a pack whose experts fit is loaded fully resident. `pinned` keeps
-    experts a profiling run found hot (`ExpertCache.profile()`) in their slots.
+    `expert_cache` (see `experts.cache.parse_cache_spec`: bytes, "40GB", "25%" of machine
+    memory, "25%experts", "auto" or "off"; default "auto") streams routed experts through a
+    cache: from the release's own shards, or from the pack when `path` is one. "auto" streams
+    only when the resident model would not fit in memory. `log` gets one line saying what the
+    cache holds when it streams. `pinned` keeps experts a profiling run found hot
+    (`ExpertCache.profile()`) in their slots.
     """
     from .experts.pack import is_pack_dir, open_pack
+    from .experts.release import ReleaseSource
 
+    parse_cache_spec(expert_cache)  # a bad value is a usage error before anything is read
     root = resolve_model_path(path)
     dtype = dtype or default_dtype()
     pack = open_pack(root) if is_pack_dir(root) else None
@@ -47,38 +54,32 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     if tokenizer.vocab_size > ckpt.args.vocab_size:
         raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {ckpt.args.vocab_size}")
-    slots: dict[int, int] = {}
-    if pack is not None and expert_cache is None:
-        expert_cache = "auto"
-    if expert_cache is not None:
-        if pack is None:
-            raise KimiError(f"{root}: the expert cache streams from an expert pack; "
-                            f"make one with `kimi convert {path}` and load that directory")
-        slots = plan_cache(ckpt, expert_cache, dtype)
-    model = load_model(ckpt, dtype=dtype, lazy=lazy, pack=pack, slots=slots,
-                       prefetch=prefetch, read_threads=read_threads)
+    plan = plan_cache(ckpt, expert_cache, dtype)
+    source = None
+    if plan.slots:
+        source = pack if pack is not None else ReleaseSource(ckpt, sorted(plan.slots))
+        plan.source = "expert pack" if pack is not None else "release shards"
+    model = load_model(ckpt, dtype=dtype, lazy=lazy, pack=pack, slots=plan.slots,
+                       prefetch=prefetch, read_threads=read_threads, source=source)
+    model.expert_plan = plan
     if model.expert_cache is not None and pinned:
         for layer, experts in pinned.items():
             if int(layer) in model.expert_cache.pools:
                 model.expert_cache.pin(int(layer), [int(e) for e in experts])
+    if model.expert_cache is not None and log is not None:
+        log(plan.describe())
     return model, tokenizer
 
 
-def plan_cache(ckpt: Checkpoint, spec: str | int, dtype: mx.Dtype) -> dict[int, int]:
-    from .experts.cache import default_budget, parse_size, plan_slots
+def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype):
+    """The expert cache plan for this checkpoint (an `experts.cache.CachePlan`)."""
+    from .experts.cache import make_plan
 
     args = ckpt.args
-    resident = sum(t.nbytes for t in ckpt.tensors.values()) * (dtype.size // 2 or 1)
-    if isinstance(spec, int):
-        budget = spec
-    elif spec == "auto":
-        kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
-        budget = default_budget(args, resident, kv * dtype.size)
-    else:
-        from .experts.cache import _machine_memory
-
-        budget = parse_size(spec, total=_machine_memory())
-    return plan_slots(args, budget, dtype)
+    resident = sum(t.nbytes * (1 if t.dtype == "F32" else max(1, dtype.size // 2))
+                   for t in ckpt.tensors.values() if ".mlp.experts." not in t.name)
+    kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
+    return make_plan(args, spec, dtype, resident, kv * dtype.size)
 
 
 class _Shards:
@@ -101,17 +102,20 @@ class _Shards:
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
                input_major: bool | None = None, pack=None, slots: dict[int, int] | None = None,
-               prefetch: bool = True, read_threads: int = 4) -> Model:
-    """Build the model; routed experts come from the release shards, or from a pack (all
-    resident, or the layers in `slots` streamed through an expert cache of that many slots)."""
+               prefetch: bool = True, read_threads: int = 4, source=None) -> Model:
+    """Build the model; resident routed experts come from the release shards or a pack; the
+    layers in `slots` stream through an expert cache of that many slots, reading misses from
+    `source` (an `experts.cache.ExpertSource`: the release shards or the pack)."""
     args = ckpt.args
     slots = slots or {}
+    _expert_biases()  # a bad KIMI_KERNELS is a usage error before anything is built
     if input_major is None:
         input_major = mx.default_device() == mx.cpu
     model = Model(args, input_major)
     cache = None
     if slots:
-        cache = attach_expert_cache(model, pack, slots, dtype, prefetch, read_threads)
+        cache = attach_expert_cache(model, source or pack, slots, dtype, prefetch,
+                                    read_threads)
     shards = _Shards()
     expected = dict(tree_flatten(model.parameters()))
     weights: dict[str, mx.array] = {}
@@ -125,8 +129,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
         if ".mlp.experts." in name or "kv_b_proj" in name:
             continue
         value = shards.get(ckpt, name)
-        if not name.endswith("e_score_correction_bias"):
-            value = value.astype(dtype)
+        # The router (gate weight and correction bias) stays float32 on every backend.
+        router = name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias"))
+        value = value.astype(mx.float32 if router else dtype)
         if input_major and value.ndim == 2 and name != "model.embed_tokens.weight":
             value = mx.contiguous(value.T)
         put(name, value)
@@ -169,7 +174,7 @@ def pack_experts(pack, layer: int, dtype: mx.Dtype) -> dict[str, mx.array]:
     return dict(pool.arrays)
 
 
-def attach_expert_cache(model: Model, pack, slots: dict[int, int], dtype: mx.Dtype,
+def attach_expert_cache(model: Model, source, slots: dict[int, int], dtype: mx.Dtype,
                         prefetch: bool, read_threads: int):
     """Replace the streamed layers' experts with cache-backed ones; prefetch chains them."""
     from .experts.cache import ExpertCache
@@ -178,8 +183,8 @@ def attach_expert_cache(model: Model, pack, slots: dict[int, int], dtype: mx.Dty
     args = model.args
     # The cache keeps what it reads: a page-cache copy of every streamed expert would eat the
     # memory the budget was planned for (F_NOCACHE on macOS, DONTNEED after reads on Linux).
-    pack.page_cache = False
-    cache = ExpertCache(args, pack.read_into, slots, dtype, threads=read_threads,
+    source.page_cache = False
+    cache = ExpertCache(args, source.read_into, slots, dtype, threads=read_threads,
                         prefetch=prefetch)
     streamed = sorted(slots)
     for pos, i in enumerate(streamed):
@@ -212,5 +217,17 @@ def stack_experts(ckpt: Checkpoint, shards: _Shards, layer: int,
         s = mx.stack(scales).astype(dtype)
         out[f"{proj}.weight"] = mx.stack(packed).view(mx.uint32)
         out[f"{proj}.scales"] = s
-        out[f"{proj}.biases"] = -8 * s
+        if _expert_biases():
+            out[f"{proj}.biases"] = -8 * s
     return out
+
+
+def _expert_biases() -> bool:
+    """Whether routed experts are stored with MLX's biases (the gather_qmm fallback) or
+    bias-free, as released (the Metal kernels: `mlx_kernels.needs_biases`)."""
+    from mlx_kernels.dispatch import KernelsUnavailable, needs_biases
+
+    try:
+        return needs_biases()
+    except KernelsUnavailable as e:
+        raise UsageError(str(e)) from None

@@ -32,6 +32,45 @@ def sessions_dir() -> Path:
     return config.state_dir() / "sessions"
 
 
+# Sessions, KV caches and history hold tool outputs (a printed token, a file read): only the user
+# may read them. Files 0600, directories 0700.
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` and its missing parents 0700; tighten existing ones only inside kimi's own
+    state directory (a user's ~/.local/state is theirs to set)."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=PRIVATE_DIR)
+        os.chmod(d, PRIVATE_DIR)  # mkdir's mode passes through the umask
+    own = config.state_dir()
+    for d in (path, *path.parents):
+        if d not in missing and (d == own or own in d.parents) and d.is_dir():
+            if d.stat().st_mode & 0o077:
+                os.chmod(d, PRIVATE_DIR)
+    return path
+
+
+def open_private(path: Path, mode: str = "w"):
+    """`open(path, mode)` for a text file only the user may read (existing ones tightened)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+    except OSError:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def new_id() -> str:
     """Sortable by time, unique enough for one person: 20250101-093000-a1b2."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -119,15 +158,15 @@ class Session:
         if not self.path.exists():
             self.save()
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with open_private(self.path, "a") as f:
             f.write(_line(message))
 
     def save(self) -> None:
         """Write the whole file again (header changes, /retry): atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(_line(self.header) + "".join(_line(m) for m in self.messages),
-                       encoding="utf-8")
+        with open_private(tmp) as f:
+            f.write(_line(self.header) + "".join(_line(m) for m in self.messages))
         os.replace(tmp, self.path)
 
     def update_header(self, **changes) -> None:
@@ -257,9 +296,12 @@ def save_kv(path: Path, engine, fingerprint: str) -> KVInfo | None:
             arrays[f"layer.{i}"] = state[0][..., : len(ids), :]
     meta = {"format": KV_FORMAT, "version": str(FORMAT_VERSION), "model": fingerprint,
             "kind": kind, "layers": str(len(engine.cache)), "tokens": str(len(ids))}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(path.stem + ".tmp.safetensors")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE))
+    os.chmod(tmp, PRIVATE_FILE)  # before it holds anything; mlx keeps the mode when it rewrites
     mx.save_safetensors(str(tmp), arrays, metadata=meta)
+    os.chmod(tmp, PRIVATE_FILE)
     os.replace(tmp, path)
     return KVInfo(len(ids), path.stat().st_size, time.perf_counter() - t0)
 

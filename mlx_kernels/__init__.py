@@ -1,9 +1,8 @@
-"""Expert kernels: the int4 routed-expert SwiGLU over gathered experts.
+"""Routed-expert kernels: bias-free Metal int4 kernels (gate/up + SwiGLU, down + combine) and
+the pure-MLX `gather_qmm` fallback they are tested against; `dispatch` picks one per machine."""
 
-Pure-MLX implementations that run on every backend; a custom Metal kernel can replace them later
-and must then match them bit for bit.
-"""
+from .dispatch import ENV, expert_bytes, kernels_active, needs_biases, switch_mlp
+from .experts import QuantizedWeight, combine, expert_swiglu
 
-from .experts import QuantizedWeight, expert_swiglu
-
-__all__ = ["QuantizedWeight", "expert_swiglu"]
+__all__ = ["ENV", "QuantizedWeight", "combine", "expert_bytes", "expert_swiglu",
+           "kernels_active", "needs_biases", "switch_mlp"]

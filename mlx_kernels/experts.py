@@ -1,7 +1,6 @@
-"""Routed-expert SwiGLU over stacked int4 weights: `down(silu(gate x) * up x)` per chosen expert.
+"""The pure-MLX fallback: routed-expert SwiGLU `down(silu(gate x) * up x)` with `gather_qmm`.
 
-Runs `gather_qmm` straight on the release's packed words (affine 4-bit, biases = -8*scale). Many
-rows are sorted by expert first so each expert's weights are read once (as mlx-lm does).
+Runs on every backend, straight on the release's packed words (affine 4-bit, biases = -8*scale).
 """
 
 from __future__ import annotations
@@ -16,16 +15,19 @@ SORT_MIN_ROWS = 64
 
 
 class QuantizedWeight(NamedTuple):
-    """Stacked affine int4 weights [E, out, in/8] (uint32) with scales and biases [E, out, in/gs]."""
+    """Stacked int4 weights [E, out, in/8] (uint32), scales [E, out, in/gs] and biases
+    (-8 * scales) or None where the storage is bias-free (the kernels need none)."""
 
     weight: mx.array
     scales: mx.array
-    biases: mx.array
+    biases: mx.array | None
 
 
 def _qmm(x: mx.array, w: QuantizedWeight, idx: mx.array, group_size: int, sort: bool):
+    # Bias-free storage still runs here (KIMI_KERNELS=mlx on a Mac): biases are exact -8*scale.
+    biases = w.biases if w.biases is not None else -8 * w.scales
     return mx.gather_qmm(
-        x, w.weight, w.scales, w.biases, rhs_indices=idx, transpose=True,
+        x, w.weight, w.scales, biases, rhs_indices=idx, transpose=True,
         group_size=group_size, bits=4, sorted_indices=sort,
     )
 
@@ -49,3 +51,8 @@ def expert_swiglu(x: mx.array, inds: mx.array, gate: QuantizedWeight, up: Quanti
         y = y[mx.argsort(order)]
         return y.reshape(B, L, k, -1)
     return y.squeeze(-2)
+
+
+def combine(y: mx.array, weights: mx.array) -> mx.array:
+    """y [B, L, k, D], routing weights [B, L, k] -> their weighted sum over k, in float32."""
+    return (y.astype(mx.float32) * weights[..., None]).sum(axis=-2).astype(y.dtype)

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="num_hidden_layers")
     parser.add_argument("--router-skew", type=float,
                         help="router bias making a few experts popular (0: uniform)")
+    parser.add_argument("--shard-bytes", type=int,
+                        help="shard size limit (small values split experts across shards)")
     args = parser.parse_args(argv)
 
     overrides = {}
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num_hidden_layers"] = args.layers
     if args.router_skew is not None:
         overrides["router_skew"] = args.router_skew
+    if args.shard_bytes is not None:
+        overrides["shard_bytes"] = args.shard_bytes
     try:
         path = write_checkpoint(args.out, args.preset, args.seed, **overrides)
     except ValueError as e:

@@ -6,6 +6,7 @@ read the real checkpoint.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -16,6 +17,26 @@ import pytest
 # an ignored signal stays ignored across fork and exec: the CLI under test would never see Ctrl-C.
 # Give this process a handler, so the children start with the default disposition a user's has.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sandbox: needs a working sandbox (bubblewrap on Linux); "
+                            "in CI (CI=true) a skip of such a test is a failure")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """In CI a sandbox test must run: its skip (no bwrap, no namespaces) fails the suite."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci() and item.get_closest_marker("sandbox") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"sandbox test skipped in CI (CI={os.environ['CI']}): {reason}"
 
 
 def write_tiny_tokenizer(path: Path, n_ranks: int = 316) -> int:

@@ -154,7 +154,7 @@ def test_print_prompt_shows_the_tools_and_the_workspace(tmp_path, env):
     assert r.stdout.startswith("<|im_system|>tool_declare<|im_middle|>[")
     assert '"name":"grep"' in r.stdout and '"name":"shell"' not in r.stdout
     assert f"Your workspace is {tmp_path.resolve()}" in r.stdout
-    assert r.stdout.endswith("look around<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    assert r.stdout.endswith("look around<|im_end|><|im_assistant|>assistant<|im_middle|>\n")
 
 
 def test_ctrl_c_during_a_long_command_kills_it_and_exits_130(tmp_path, env):

@@ -126,6 +126,35 @@ def test_tensors_have_release_dtypes(tiny_ckpt: Path):
     assert any(i.dtype == "F32" for i in seen.values())
 
 
+# The safetensors library (which wrote the release) orders a shard by dtype, descending in its
+# enum, then by name; expert streaming relies on that layout, so the synthetic shards match it.
+RELEASE_DTYPE_ORDER = {"I64": 0, "F32": 1, "I32": 2, "BF16": 3}
+
+
+def test_shards_are_laid_out_in_the_release_tensor_order(tiny_ckpt: Path):
+    for f in shards(tiny_ckpt):
+        infos = sorted(read_safetensors_header(f).values(), key=lambda i: i.offset)
+        keys = [(RELEASE_DTYPE_ORDER[i.dtype], i.name) for i in infos]
+        assert keys == sorted(keys), f.name
+        assert all(a.offset + a.nbytes == b.offset for a, b in zip(infos, infos[1:]))
+
+
+def test_weight_shape_is_int64_as_in_the_release(tiny_ckpt: Path):
+    infos = [i for f in shards(tiny_ckpt) for i in read_safetensors_header(f).values()]
+    shapes = [i for i in infos if i.name.endswith(".weight_shape")]
+    assert shapes and {i.dtype for i in shapes} == {"I64"}
+
+
+def test_small_shards_split_experts_across_files(tmp_path: Path):
+    path = write_checkpoint(tmp_path / "split", "tiny", seed=0, shard_bytes=30_000)
+    files_of: dict[str, set[str]] = {}
+    for f in shards(path):
+        for name in read_safetensors_header(f):
+            if ".mlp.experts." in name:
+                files_of.setdefault(".".join(name.split(".")[:6]), set()).add(f.name)
+    assert any(len(v) > 1 for v in files_of.values())
+
+
 def test_same_seed_writes_identical_files(tiny_ckpt: Path, tmp_path: Path):
     again = write_checkpoint(tmp_path / "again", "tiny", seed=0)
     names = sorted(f.name for f in tiny_ckpt.iterdir())

@@ -145,10 +145,10 @@ def test_no_prompt_and_empty_stdin_is_a_usage_error(tiny_ckpt, env):
     assert r.stdout == ""
 
 
-def test_raw_prints_the_prompt_untouched(tiny_ckpt, env):
+def test_raw_prints_the_prompt_untouched_plus_a_final_newline(tiny_ckpt, env):
     r = kimi("run", "--model", str(tiny_ckpt), "--raw", "--print-prompt", "abc", env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "abc"
+    assert r.stdout == "abc\n"
 
 
 def test_system_flag_replaces_the_default_system_prompt(tiny_ckpt, env):

@@ -48,6 +48,7 @@ def hub_env(tmp_path: Path, url: str | None = None, **extra: str) -> dict[str, s
            if not k.startswith(("HF_", "KIMI_", "XDG_")) and k != "TRANSFORMERS_OFFLINE"}
     env.update(HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
                HF_HUB_DISABLE_TELEMETRY="1")
+    env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")  # verified markers
     if url:
         env["HF_ENDPOINT"] = url
     env.update(extra)
@@ -92,6 +93,33 @@ def test_downloads_only_the_needed_files_verified_into_the_hf_cache(release, tmp
     assert again.stdout == r.stdout and "HF_HUB_OFFLINE" in again.stderr
     run = kimi("run", "--model", REPO, "hi", "-n", "2", "-t", "0", "-q", env=offline)
     assert run.returncode == 0, run.stderr
+
+
+def test_verified_shards_are_remembered_and_not_rehashed(release, tmp_path):
+    hub = HubRepo(REPO, release)
+    env = hub_env(tmp_path)
+    with HubServer(hub) as url:
+        env["HF_ENDPOINT"] = url
+        first = kimi("download", REPO, env=env)
+        assert first.returncode == 0, first.stderr
+        markers = sorted((tmp_path / "xdg-state" / "kimi-mlx" / "verified").glob("*.json"))
+        stamps = [json.loads(m.read_text())["verified_at"] for m in markers]
+        again = kimi("download", REPO, "--verify", env=env)
+    assert again.returncode == 0, again.stderr
+    n = len(shards(release))
+    assert len(markers) >= n  # one per LFS blob (the shards, tiktoken.model)
+    assert [json.loads(m.read_text())["verified_at"] for m in markers] == stamps  # no rehash
+    info = kimi("info", REPO, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert info.returncode == 0, info.stderr
+    assert f"{n} of {n} shards present" in info.stdout and "all verified" in info.stdout
+
+    # A changed blob loses its marker: it is hashed (and here found bad) again.
+    blob = (snapshot(tmp_path, hub) / shards(release)[0]).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    info = kimi("info", REPO, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert f"{n - 1} verified" in info.stdout, info.stdout
 
 
 def test_a_connection_dropped_mid_file_resumes_with_a_range_request(release, tmp_path):

@@ -6,6 +6,8 @@ a token (top_k slots per layer) to all-but-one expert.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -102,9 +104,10 @@ def test_budget_too_small_is_a_clear_error(tiny_pack):
         kimi_cli.load(tiny_pack, expert_cache=budget_for(tiny_pack, 2))
 
 
-def test_cache_needs_a_pack(tiny_ckpt):
-    with pytest.raises(KimiError, match="kimi convert"):
-        kimi_cli.load(tiny_ckpt, expert_cache="1GB")
+def test_release_directory_streams_without_a_pack(tiny_ckpt, tiny_pack):
+    model, _ = kimi_cli.load(tiny_ckpt, expert_cache=budget_for(tiny_pack, 4))
+    assert model.expert_cache is not None and model.expert_plan.source == "release shards"
+    model.expert_cache.close()
 
 
 def test_pack_loads_identically_to_the_release(tiny_ckpt, tiny_pack):
@@ -166,6 +169,37 @@ def test_parse_size():
         parse_size("lots")
 
 
+def test_expert_cache_spellings():
+    from kimi_cli.errors import UsageError
+    from kimi_cli.experts.cache import parse_cache_spec
+
+    assert parse_cache_spec(None) == ("auto", 0)
+    assert parse_cache_spec("auto") == ("auto", 0)
+    assert parse_cache_spec("OFF") == ("off", 0)
+    assert parse_cache_spec("40GB") == ("bytes", 40 * 10**9)
+    assert parse_cache_spec(1234) == ("bytes", 1234)
+    assert parse_cache_spec("25%") == ("memory", 0.25)
+    assert parse_cache_spec("25%memory") == ("memory", 0.25)
+    assert parse_cache_spec("25%experts") == ("experts", 0.25)
+    for bad in ("lots", "0%", "101%experts", "-1GB", "%experts", "25%exp", "0"):
+        with pytest.raises(UsageError, match="--expert-cache"):
+            parse_cache_spec(bad)
+
+
+def test_share_of_experts_sets_the_slots_per_layer():
+    from kimi_cli.experts.cache import make_plan
+
+    args = ModelArgs(
+        hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=10,
+        num_experts_per_tok=3, first_k_dense_replace=1)
+    plan = make_plan(args, "50%experts", mx.float32, 0, 0)
+    assert plan.slots == {1: 5, 2: 5} and plan.share == 0.5 and plan.explicit
+    assert make_plan(args, "100%experts", mx.float32, 0, 0).slots == {}
+    assert make_plan(args, "off", mx.float32, 0, 0).to_dict()["all_layers_fit"]
+    with pytest.raises(KimiError, match="at least 3 experts"):
+        make_plan(args, "20%experts", mx.float32, 0, 0)
+
+
 def test_plan_slots_equal_shares():
     args = ModelArgs(
         hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=10,
@@ -193,3 +227,61 @@ def test_profile_then_pin_keeps_hot_experts_resident(tiny_pack, resident):
     for L, experts in profile.items():  # pinned experts never left their slots
         assert [int(cache._slot_of[L][e]) for e in experts] == slots_before[L]
     cache.close()
+
+
+def _marking_cache(args, capacity: int, threads: int, blocked: set[int]):
+    """A cache whose reader writes the expert's id into every word of its slot; reads of the
+    experts in `blocked` start, then wait until `release` is set (in-flight prefetches)."""
+    from kimi_cli.experts.cache import ExpertCache
+
+    release, started = threading.Event(), []
+
+    def read(layer, expert, dest):
+        if expert in blocked:
+            started.append(expert)
+            assert release.wait(30), "test reader never released"
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            dest[f"{p}.weight"][...] = expert
+        return 1
+
+    cache = ExpertCache(args, read, {1: capacity}, mx.float32, threads=threads, prefetch=True)
+    cache.pools[1].fill = lambda slot, staged: None
+    return cache, release, started
+
+
+def _release_when_pending(cache, release, keys, timeout: float = 30.0):
+    """Release the blocked reads only once every demand read in `keys` has been given a slot."""
+    def go():
+        deadline = time.monotonic() + timeout
+        while not all(k in cache._pending for k in keys) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        release.set()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("wanted", [5, 6])
+def test_demand_request_takes_the_slots_of_in_flight_prefetches(tiny_pack, wanted):
+    # The crash: a grouped-prefill request as large as the pool while prefetch reads hold slots.
+    # One reader thread: prefetch of expert 7 is running (blocked), 8 and 9 are queued. Five
+    # wanted experts cancel the queued two; six must also wait for the running one to finish.
+    args = open_checkpoint(tiny_pack, with_experts=False).args
+    cache, release, started = _marking_cache(args, capacity=6, threads=1, blocked={7, 8, 9})
+    cache.begin_token()
+    cache.prefetch(1, np.array([7, 8, 9]))
+    while not started:  # expert 7's read is in flight before the demand request comes
+        time.sleep(0.001)
+    experts = np.arange(wanted)
+    helper = _release_when_pending(cache, release, [(1, e) for e in range(5)])
+    slots = cache.acquire(1, experts)
+    helper.join()
+    assert sorted(slots.tolist()) == sorted(set(slots.tolist())) and len(slots) == wanted
+    words = cache.pools[1].views["gate_proj.weight"]
+    for e, s in zip(experts, slots):  # no late prefetch write landed in a handed-out slot
+        assert (words[s] == e).all()
+    cache.close()
+    for e, s in zip(experts, slots):
+        assert (words[s] == e).all()
+    assert started == [7]  # the queued prefetches were cancelled, never read

@@ -120,6 +120,21 @@ def test_text_report_states_what_is_missing_and_the_assumptions(release_metadata
         assert "GB/s (given)" in out and "6.0 GB/s (given)" in out and "tok/s" in out
 
 
+def test_fit_takes_a_share_of_the_experts(release_metadata_only):
+    env = home_env(release_metadata_only, HF_HUB_OFFLINE="1")
+    r = kimi("info", RELEASE, "--expert-cache", "25%experts", "--bandwidth", "800",
+             "--ssd-gbps", "6", "--format", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    fit = json.loads(r.stdout)["fit"]
+    # 96 of 384 slots in each of the 60 MoE layers, whatever this machine's memory.
+    assert fit["expert_cache_budget"] == 96 * 60 * fit["expert_slot_bytes"]
+    assert fit["expert_cache_how"] == "--expert-cache 25%experts"
+    if fit["fits"]:
+        assert fit["experts_per_layer"] == 96 and fit["expert_share"] == 0.25
+    bad = kimi("info", RELEASE, "--expert-cache", "25%exp", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("kimi: error: --expert-cache")
+
+
 def test_release_dir_with_its_pack_and_a_streamed_fit(tiny_ckpt, tmp_path):
     env = home_env(tmp_path)
     # The default pack goes next to the checkpoint (default_pack_dir): use a private copy.
@@ -189,3 +204,15 @@ def test_info_plans_in_the_dtype_the_loader_computes_in():
     from kimi_cli.loader import default_dtype
 
     assert compute_dtype() == default_dtype()
+
+
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = kimi("info", RELEASE, env=home_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("kimi: error: cannot reach the Hub"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # no "Retrying in 8s" lines before it

@@ -251,3 +251,32 @@ def test_attention_in_query_blocks_matches_one_block(tiny_ckpt, monkeypatch):
     model(ids[:, :20], cache=cache)
     blocked = model(ids[:, 20:], cache=cache)
     assert mx.allclose(whole, blocked, atol=1e-5, rtol=1e-5).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The router runs in float32 whatever the compute dtype (as the release's modeling code does)
+
+
+def _reference_experts(ckpt_dir: Path, layer: int, x: mx.array, top_k: int) -> np.ndarray:
+    """noaux_tc top-k in float64 from the checkpoint's own gate weight and correction bias."""
+    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    pre = f"model.layers.{layer}.mlp.gate."
+    w, b = (mx.load(str(ckpt_dir / index[pre + n]))[pre + n].astype(mx.float32)
+            for n in ("weight", "e_score_correction_bias"))
+    logits = np.array(x.astype(mx.float32)).astype(np.float64) @ np.array(w).astype(np.float64).T
+    scores = 1 / (1 + np.exp(-logits)) + np.array(b)
+    return np.sort(np.argsort(-scores, axis=-1)[..., :top_k], axis=-1)
+
+
+def test_bf16_compute_selects_the_same_experts_as_a_float32_router(tiny_ckpt: Path):
+    model, _ = kimi_cli.load(tiny_ckpt, dtype=mx.bfloat16)
+    gate = model.layers[1].mlp.gate
+    assert gate.weight.dtype == mx.float32
+    assert gate.e_score_correction_bias.dtype == mx.float32
+    x = mx.random.normal((1, 2048, gate.weight.size // gate.e_score_correction_bias.size),
+                         key=mx.random.key(7)).astype(mx.bfloat16)
+    inds, weights = gate(x)
+    assert weights.dtype == mx.float32
+    want = _reference_experts(tiny_ckpt, 1, x, gate.top_k)
+    got = np.sort(np.array(inds), axis=-1)
+    assert (got == want).all(), f"{(got != want).any(-1).sum()} of 2048 tokens routed differently"

@@ -367,6 +367,7 @@ def test_a_corrupted_block_is_reported_by_file_layer_and_expert(tiny_pack, tmp_p
     assert proc.returncode == 1
     assert "layer-002.bin: layer 2 expert 3 fails its checksum" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("reconvert") == 1  # the hint once, not once per bad block
 
 
 def test_a_truncated_layer_file_is_named_when_opening(tiny_pack, tmp_path):

@@ -165,10 +165,12 @@ def test_section_end_before_call_end_reports_cut_off_call(tokenizer):
 
 def test_multibyte_text_split_across_tokens_is_never_half_a_character(tokenizer):
     parser = OutputParser(tokenizer)
-    events = [e for b in b"<think>" for e in parser.feed(b)]  # literal text, not a marker
+    events = [e for i in tokenizer.encode("<think>a</think>") for e in parser.feed(i)]
+    events += [e for b in b"<think>" for e in parser.feed(b)]  # literal text, not a marker
     events += [e for b in "你好🙂".encode() for e in parser.feed(b)]  # one byte per token
     deltas = [e.text for e in events if isinstance(e, TextDelta)]
-    assert deltas == ["<", "t", "h", "i", "n", "k", ">", "你", "好", "🙂"]
+    # "<" waits for one more character: it could begin a marker spelled out in text.
+    assert deltas == ["<t", "h", "i", "n", "k", ">", "你", "好", "🙂"]
 
 
 def test_eos_stops_and_later_tokens_are_ignored(tokenizer):
@@ -182,10 +184,67 @@ def test_eos_stops_and_later_tokens_are_ignored(tokenizer):
 def test_finish_passes_its_reason(tokenizer):
     parser = OutputParser(tokenizer)
     parser.feed(tokenizer.encode("a")[0])
-    assert parser.finish("cancelled") == [End("cancelled")]
+    assert parser.finish("cancelled") == [TextDelta("a"), End("cancelled")]
 
 
 def test_parse_all_accepts_ids(tokenizer):
     ids = tokenizer.encode("<think>r</think>t<|im_end|>")
     out = parse_all(tokenizer, ids)
     assert (out.reasoning, out.text, out.tool_calls, out.finish_reason) == ("r", "t", [], "stop")
+
+
+# Variants the model produces besides the documented format (vLLM's kimi_k2 parsers handle them)
+
+
+def test_reasoning_without_think_open_ends_at_think_close(tokenizer):
+    out = parse_all(tokenizer, "I should greet.</think>Hello!<|im_end|>")
+    assert (out.reasoning, out.text, out.finish_reason) == ("I should greet.", "Hello!", "stop")
+
+
+def test_text_before_a_marker_is_held_back_until_the_marker_says_what_it_was(tokenizer):
+    events = _events(tokenizer, "plan it</think>done<|im_end|>")
+    assert events[0] == ReasoningDelta("plan it")  # one delta, when </think> arrives
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "done"
+    assert not any(isinstance(e, ReasoningDelta) for e in events[1:])
+
+
+def test_singular_section_spelling_is_a_section_and_never_leaks(tokenizer):
+    generated = (f"<think>plan</think>Checking.<|tool_call_section_begin|>{WEATHER_CALL}"
+                 "<|tool_call_section_end|>After.<|im_end|>")
+    out = parse_all(tokenizer, generated)
+    assert (out.reasoning, out.text) == ("plan", "Checking.After.")
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather",
+                                                                 {"city": "Beijing"})]
+
+
+def test_singular_section_marker_split_one_byte_per_token_streams_the_text_around_it(tokenizer):
+    parser = OutputParser(tokenizer)
+    events = [e for i in tokenizer.encode("<think>p</think>") for e in parser.feed(i)]
+    for b in b"Hi <|tool_call_section_begin|>":  # one byte per token
+        events += parser.feed(b)
+    events += [e for i in tokenizer.encode(WEATHER_CALL + "<|im_end|>") for e in parser.feed(i)]
+    text = [e.text for e in events if isinstance(e, TextDelta)]
+    assert "".join(text) == "Hi "
+    assert [e.name for e in events if isinstance(e, ToolCall)] == ["get_weather"]
+
+
+def test_a_lone_angle_bracket_is_text_once_it_cannot_be_a_marker(tokenizer):
+    out = parse_all(tokenizer, "<think>r</think>a <b> <|tool_call_sect<|im_end|>")
+    assert out.text == "a <b> <|tool_call_sect"
+
+
+def test_tool_section_inside_reasoning_without_think_close_is_a_call_not_reasoning(tokenizer):
+    for spelling in ("tool_calls_section", "tool_call_section"):
+        generated = (f"<think>I need the weather.<|{spelling}_begin|>{WEATHER_CALL}"
+                     f"<|{spelling}_end|><|im_end|>")
+        out = parse_all(tokenizer, generated)
+        assert (out.reasoning, out.text) == ("I need the weather.", ""), spelling
+        assert [c.arguments for c in out.tool_calls] == [{"city": "Beijing"}], spelling
+        assert "tool_call" not in out.reasoning
+
+
+def test_tool_section_without_any_think_marker_ends_reasoning(tokenizer):
+    out = parse_all(tokenizer, f"Need a tool.<|tool_call_section_begin|>{WEATHER_CALL}"
+                               "<|tool_call_section_end|><|im_end|>")
+    assert (out.reasoning, out.text) == ("Need a tool.", "")
+    assert [c.name for c in out.tool_calls] == ["get_weather"]

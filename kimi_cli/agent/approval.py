@@ -1,5 +1,5 @@
-"""When a tool call needs the user's yes: the approval modes, session approvals by command
-prefix, and the `Approver` interface front ends implement (a plain one on stdin/stderr here).
+"""When a tool call needs the user's yes: the approval modes, session approvals (by program for
+read-only commands, risk.py; else by exact command), and the `Approver` front ends implement.
 
 Only the user's replies change approval state; tool output never does.
 """
@@ -12,18 +12,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import IO
 
-from .shellparse import Unparsable, segment_prefix, split_command
+from .escape import visible
+from .risk import prefix, read_only
+from .shellparse import Unparsable, split_command
 
 
 class Mode(str, Enum):
     ask = "ask"  # file edits and commands ask
     auto_edit = "auto-edit"  # file edits in the workspace run; commands ask
-    yolo = "yolo"  # everything runs (the hard-deny list and the sandbox still apply)
+    yolo = "yolo"  # everything runs (the hard-deny list, protected files and the sandbox apply)
 
 
 class Choice(str, Enum):
     once = "once"  # yes, this call
-    session = "session"  # yes, and the same prefix (or any file edit) for the rest of the session
+    session = "session"  # yes, and the same program (read-only use), exact command or any file
+    # edit for the rest of the session
     deny = "deny"
     deny_with_message = "deny_with_message"  # no, and tell the model why
 
@@ -36,6 +39,7 @@ class Request:
     title: str  # one line: the full command, or "write_file path"
     preview: str  # the full command with its sandbox, or a diff
     prefixes: list[tuple[str, ...]] | None = None  # exec: what "for this session" approves
+    protected: str | None = None  # why this call always asks (a file that runs code), or None
 
 
 @dataclass
@@ -60,24 +64,36 @@ NO_TERMINAL = ("approval needed but there is no terminal to ask: rerun with --ap
 
 
 def command_prefixes(command: str) -> list[tuple[str, ...]] | None:
-    """The prefixes a session approval of `command` remembers; None if it cannot be parsed."""
+    """The prefixes a session approval of `command` remembers: only when every simple command in
+    it is a read-only use of its program (risk.py); None otherwise (then: the exact command)."""
     try:
         segments = split_command(command)
     except Unparsable:
         return None
-    if not segments or any(not s.words for s in segments):
+    if not segments or not all(read_only(s) for s in segments):
         return None
-    return list(dict.fromkeys(segment_prefix(s.words) for s in segments))
+    return list(dict.fromkeys(prefix(s.words) for s in segments))
+
+
+def exact_approvable(command: str) -> bool:
+    """Whether "for this session" may remember `command` itself: only what the parser follows."""
+    try:
+        return bool(split_command(command))
+    except Unparsable:
+        return False
 
 
 @dataclass
 class Policy:
     mode: Mode = Mode.ask
     approver: Approver | None = None  # None: no terminal, nobody to ask
-    prefixes: set[tuple[str, ...]] = field(default_factory=set)
+    prefixes: set[tuple[str, ...]] = field(default_factory=set)  # of read-only commands
+    commands: set[str] = field(default_factory=set)  # exact commands approved for the session
     edits_approved: bool = False  # "for this session" on a file edit
 
     def decide(self, request: Request, command: str | None = None) -> Decision:
+        if request.protected and request.kind != "read":
+            return self._ask_protected(request)
         if request.kind == "read" or self.mode is Mode.yolo:
             return Decision(True, "mode")
         if request.kind == "edit" and (self.mode is Mode.auto_edit or self.edits_approved):
@@ -92,13 +108,28 @@ class Policy:
                 self.edits_approved = True
             elif request.prefixes:
                 self.prefixes.update(request.prefixes)
+            elif command is not None and exact_approvable(command):
+                self.commands.add(command)
             return Decision(True, "user", "approved for this session")
         if reply.choice is Choice.once:
             return Decision(True, "user")
         return Decision(False, "user", "denied by the user", reply.message.strip())
 
+    def _ask_protected(self, request: Request) -> Decision:
+        """Files that run code (protected): no mode or earlier approval covers them."""
+        if self.approver is None:
+            return Decision(False, "protected", f"{request.protected}; it needs the user's "
+                            "approval at a terminal, every time")
+        reply = self.approver(request)
+        if reply.choice in (Choice.once, Choice.session):  # never remembered
+            return Decision(True, "user", "approved once (protected)")
+        return Decision(False, "user", "denied by the user", reply.message.strip())
+
     def _session_allows(self, command: str) -> bool:
-        """Every segment must start with an approved prefix and write no file by redirection."""
+        """The exact command was approved, or every segment is a read-only use (risk.py) of an
+        approved program."""
+        if command in self.commands:
+            return True
         if not self.prefixes:
             return False
         try:
@@ -108,7 +139,7 @@ class Policy:
         if not segments:
             return False
         for seg in segments:
-            if any(t != "/dev/null" for t in seg.writes()):
+            if not read_only(seg):
                 return False
             if not any(tuple(seg.words[:len(p)]) == p for p in self.prefixes):
                 return False
@@ -125,12 +156,24 @@ class StreamApprover:
     def __call__(self, request: Request) -> Reply:
         out = self.output
         what = "run a command" if request.kind == "exec" else "change a file"
-        out.write(f"\nkimi: the agent wants to {what} ({request.tool}, {request.call_id}):\n")
-        out.write("".join("    " + line + "\n" for line in request.preview.splitlines()))
-        if request.kind == "exec":
-            session = ("[a] yes, and don't ask again this session for "
-                       + ", ".join("`" + " ".join(p) + "`" for p in request.prefixes)
-                       if request.prefixes else None)
+        # Everything shown here may come from the model: control characters are made visible.
+        out.write(f"\nkimi: the agent wants to {what} ({visible(request.tool)}, "
+                  f"{visible(request.call_id)}):\n")
+        out.write("".join("    " + visible(line) + "\n"
+                          for line in request.preview.splitlines()))
+        if request.protected:
+            out.write(f"  protected: {visible(request.protected)}; this answer covers this "
+                      "call only\n")
+            session = None
+        elif request.kind == "exec":
+            if request.prefixes:
+                session = ("[a] yes, and don't ask again this session for "
+                           + ", ".join("`" + visible(" ".join(p)) + "`"
+                                       for p in request.prefixes))
+            elif exact_approvable(request.title):
+                session = "[a] yes, and don't ask again this session for this exact command"
+            else:
+                session = None
         else:
             session = "[a] yes, and allow all file edits this session"
         options = ["[y] yes", *([session] if session else []), "[n] no",

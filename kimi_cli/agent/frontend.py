@@ -12,6 +12,7 @@ from typing import IO
 from .. import config
 from ..errors import KimiError
 from . import events as ev
+from .escape import json_safe, visible
 from .loop import Agent
 
 
@@ -53,7 +54,7 @@ def run(agent: Agent, task: str, fmt: str, *, quiet: bool = False, think: str = 
 def _jsonl(agent: Agent, task: str, out: IO) -> ev.Done:
     done = None
     for e in agent.run(task):
-        out.write(json.dumps(ev.to_dict(e), ensure_ascii=False) + "\n")
+        out.write(json_safe(json.dumps(ev.to_dict(e), ensure_ascii=False)) + "\n")
         out.flush()
         if isinstance(e, ev.Done):
             done = e
@@ -90,7 +91,7 @@ def _json(agent: Agent, task: str, out: IO) -> ev.Done:
         "usage": done.totals,
         "messages": agent.messages,
     }
-    out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    out.write(json_safe(json.dumps(doc, ensure_ascii=False)) + "\n")
     out.flush()
     return done
 
@@ -167,13 +168,13 @@ def show(agent: Agent, task: str, r, *, live: bool,
                 r.tool_call(e)
             elif isinstance(e, ev.StepFinished):
                 if step_calls and step_text and "".join(step_text).strip():
-                    r.note("".join(step_text).strip())
+                    r.note(visible("".join(step_text).strip(), tabs=True))
             elif isinstance(e, ev.Approval):
                 if e.decision != "allowed":
-                    r.note(f"✗ {e.id} {e.decision} ({e.by})", style="red")
+                    r.note(f"✗ {visible(e.id)} {e.decision} ({e.by})", style="red")
                 else:
                     if e.by in ("user", "session"):
-                        r.note(f"✓ {e.name} {e.id} approved"
+                        r.note(f"✓ {visible(e.name)} {visible(e.id)} approved"
                                + (" (session approval)" if e.by == "session" else ""),
                                style="green")
                     if kinds.get(e.name) == "exec":

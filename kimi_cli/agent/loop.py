@@ -306,7 +306,8 @@ class Agent:
         except (ToolError, OSError) as e:
             preview = f"(no preview: {e})"
         request = Request(cid, tool.name, tool.kind, title, preview,
-                          command_prefixes(command) if command is not None else None)
+                          command_prefixes(command) if command is not None else None,
+                          tool.protected(args, self.ctx))
         decision = self.policy.decide(request, command)
         yield ev.Approval(step, cid, tool.name, "allowed" if decision.allowed else "denied",
                           decision.by, decision.reason, decision.message)
@@ -314,6 +315,8 @@ class Agent:
             return True, ""
         if decision.by == "no-terminal":
             return False, f"Error: denied: {NO_TERMINAL}."
+        if decision.by == "protected":
+            return False, f"Error: denied: {decision.reason}."
         said = f" The user says: {decision.message}" if decision.message else ""
         return False, f"Error: denied: the user did not allow this call.{said}"
 

@@ -1,100 +1,242 @@
-"""What confines the `shell` tool: sandbox-exec on macOS, bubblewrap on Linux, else nothing.
+"""What confines the `shell` tool: bubblewrap on Linux, sandbox-exec on macOS, else nothing.
 
-Both sandboxes make the file system read-only except the workspace (and a private /tmp), hide
-the usual secret directories and cut the network unless `--allow-network`.
+Both show commands the workspace (read-write), the system read-only, an empty private home and
+/tmp, the paths `--sandbox-allow` adds, and no network unless `--allow-network`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .safety import SECRETS, homes
+from .. import config
+from .safety import SECRETS, STARTUP_FILES, homes
+
+BWRAP_INSTALL = "install bubblewrap (`apt install bubblewrap` or `dnf install bubblewrap`)"
+# The uid commands have inside the Linux sandbox when kimi runs as root: nobody.
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A path `--sandbox-allow` shows inside the sandbox, read-only unless `writable`."""
+
+    path: Path
+    writable: bool = False
 
 
 @dataclass(frozen=True)
 class Sandbox:
-    kind: str  # "sandbox-exec" | "bubblewrap" | "none"
+    kind: str  # "bubblewrap" | "sandbox-exec" | "none"
     allow_network: bool = False
+    grants: tuple[Grant, ...] = ()
+    # --env: NAME (kimi's value) or NAME=VALUE, added to what commands get of the environment.
+    env: tuple[str, ...] = ()
+    bypass: bool = False  # --dangerously-bypass-approvals-and-sandbox
 
     def describe(self) -> str:
+        if self.bypass:
+            return ("NONE: --dangerously-bypass-approvals-and-sandbox (commands run unasked "
+                    "and unconfined)")
         if self.kind == "none":
             return "none (commands run unsandboxed; approval is the only protection)"
         net = "network allowed" if self.allow_network else "no network"
-        return f"{self.kind} (writes only in the workspace, {net})"
+        extra = f", {len(self.grants)} allowed path(s)" if self.grants else ""
+        return f"{self.kind} (sees only the workspace and the system, {net}{extra})"
 
     def wrap(self, argv: list[str], workspace: Path) -> list[str]:
         """`argv` as run inside this sandbox, with `workspace` writable."""
         if self.kind == "bubblewrap":
-            return bwrap_argv(argv, workspace, self.allow_network)
+            return bwrap_argv(argv, workspace, self.allow_network, self.grants)
         if self.kind == "sandbox-exec":
-            profile = seatbelt_profile(workspace, self.allow_network)
+            profile = seatbelt_profile(workspace, self.allow_network, self.grants)
             return ["sandbox-exec", "-p", profile, *argv]
         return argv
 
 
-def choose(allow_network: bool, platform: str | None = None) -> Sandbox:
-    """The best sandbox this machine has."""
+def choose(allow_network: bool, grants: tuple[Grant, ...] = (), env: tuple[str, ...] = (),
+           platform: str | None = None, disabled: bool = False, bypass: bool = False) -> Sandbox:
+    """The best sandbox this machine has (none when `disabled`, i.e. --no-sandbox)."""
     platform = platform or sys.platform
-    if platform == "darwin" and shutil.which("sandbox-exec"):
-        return Sandbox("sandbox-exec", allow_network)
-    if platform.startswith("linux") and bwrap_works():
-        return Sandbox("bubblewrap", allow_network)
-    return Sandbox("none", allow_network)
+    kind = "none"
+    if not disabled:
+        if platform == "darwin" and shutil.which("sandbox-exec"):
+            kind = "sandbox-exec"
+        elif platform.startswith("linux") and bwrap_works():
+            kind = "bubblewrap"
+    return Sandbox(kind, allow_network, grants, env, bypass)
+
+
+def why_none(platform: str | None = None) -> str:
+    """Why there is no sandbox here, and what to do about it."""
+    platform = platform or sys.platform
+    if platform == "darwin":
+        return "sandbox-exec is missing (it ships with macOS: is /usr/bin on PATH?)"
+    if platform.startswith("linux"):
+        if shutil.which("bwrap") is None:
+            return f"bubblewrap is not installed: {BWRAP_INSTALL}"
+        return ("bubblewrap cannot create its namespaces here (a container without user "
+                "namespaces?)")
+    return f"kimi has no sandbox for {platform}"
+
+
+def parse_grant(spec: str) -> Grant:
+    """`PATH`, `PATH:ro` or `PATH:rw` (a --sandbox-allow value) as an existing real path."""
+    raw, writable = spec, False
+    for suffix, rw in ((":ro", False), (":rw", True)):
+        if spec.endswith(suffix):
+            raw, writable = spec[: -len(suffix)], rw
+    path = Path(os.path.realpath(os.path.expanduser(raw)))
+    if not raw or not path.exists():
+        raise ValueError(f"{raw or spec!r}: no such file or directory")
+    for home in homes():
+        if _within(home, path):
+            raise ValueError(f"{raw}: that is (or contains) the home directory {home}; allow "
+                             "only the directories commands need, e.g. ~/.local:ro")
+    return Grant(path, writable)
+
+
+def workspace_problem(workspace: Path) -> str | None:
+    """Why `workspace` (a real path) may not be the agent's workspace: it is a home, contains
+    one, or contains or lies in a home's secrets or start-up files; None if it is fine."""
+    for home in homes():
+        if _within(home, workspace):
+            return (f"{workspace} is or contains the home directory {home}, with its keys, "
+                    "credentials and shell start-up files: use a project directory")
+        for rel in SECRETS + STARTUP_FILES:
+            p = home / rel
+            if _within(workspace, p):
+                return f"{workspace} is inside ~/{rel}, which holds secrets or start-up files"
+            if _within(p, workspace) and os.path.lexists(p):
+                return (f"{workspace} contains ~/{rel} (secrets or start-up files): use a "
+                        "directory without it")
+    return None
+
+
+def _within(path: Path, root: Path) -> bool:
+    p, r = str(path), str(root)
+    return p == r or p.startswith(r.rstrip("/") + "/")
+
+
+# Linux: bubblewrap
 
 
 @functools.lru_cache(maxsize=1)
 def bwrap_works() -> bool:
-    """bwrap is installed and can create its namespaces here (containers may forbid it)."""
+    """bwrap is installed and can create the sandbox's namespaces here (containers may not)."""
     exe = shutil.which("bwrap")
     if exe is None:
         return False
     try:
-        probe = subprocess.run(
-            [exe, "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "--", "true"],
-            capture_output=True, timeout=10)
+        probe = subprocess.run(bwrap_argv(["true"], Path(tempfile.gettempdir()), False, ()),
+                               capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
 
 
-def _secret_dirs() -> list[Path]:
-    return [h / rel for h in homes() for rel in SECRETS if (h / rel).exists()]
+@functools.lru_cache(maxsize=1)
+def _bwrap_has(option: str) -> bool:
+    try:
+        help_text = subprocess.run(["bwrap", "--help"], capture_output=True, text=True,
+                                   timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return option in help_text
 
 
-def bwrap_argv(argv: list[str], workspace: Path, allow_network: bool) -> list[str]:
-    out = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-           "--tmpfs", "/tmp"]
-    for secret in _secret_dirs():
-        if secret.is_dir():
-            out += ["--tmpfs", str(secret)]
-        else:
-            out += ["--ro-bind", "/dev/null", str(secret)]
-    # After /tmp's tmpfs, so a workspace under /tmp is the real directory, writable.
-    out += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace),
-            "--unshare-pid", "--die-with-parent"]
+@functools.lru_cache(maxsize=4)
+def unreadable(root: str) -> tuple[tuple[str, bool], ...]:
+    """(path, is a directory) for what under `root` other users may not read (/etc/shadow,
+    /etc/ssl/private, host keys...): the sandbox hides them even from root."""
+    out: list[tuple[str, bool]] = []
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode) or st.st_mode & stat.S_IROTH:
+                continue
+            out.append((path, stat.S_ISDIR(st.st_mode)))
+        hidden = {p for p, _ in out}
+        dirs[:] = [d for d in dirs if os.path.join(top, d) not in hidden]
+    return tuple(out)
+
+
+def bwrap_argv(argv: list[str], workspace: Path, allow_network: bool,
+               grants: tuple[Grant, ...] = ()) -> list[str]:
+    # A user namespace with no capabilities: root outside is nobody inside and cannot remount,
+    # unmount or read root-only files; no nested namespaces to win capabilities back.
+    out = ["bwrap", "--unshare-user"]
+    if os.geteuid() == 0:
+        out += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
+    if _bwrap_has("--disable-userns"):
+        out.append("--disable-userns")
+    out += ["--cap-drop", "ALL", "--new-session", "--die-with-parent", "--unshare-pid",
+            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if not allow_network:
         out.append("--unshare-net")
+    for path in config.SANDBOX_SYSTEM_PATHS:
+        if os.path.islink(path):
+            out += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            out += ["--ro-bind", path, path]
+    for path, is_dir in unreadable("/etc") if os.path.isdir("/etc") else ():
+        out += ["--tmpfs", path] if is_dir else ["--ro-bind", "/dev/null", path]
+    out += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
+    for home in homes():
+        out += ["--tmpfs", str(home)]
+    # After the tmpfs mounts, so a workspace or an allowed path under /tmp or home is the real one.
+    for g in grants:
+        out += ["--bind" if g.writable else "--ro-bind", str(g.path), str(g.path)]
+    out += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
     return [*out, "--", *argv]
 
 
-def seatbelt_profile(workspace: Path, allow_network: bool) -> str:
-    """A sandbox-exec (Seatbelt) profile: everything allowed except writes outside the workspace
-    and temp dirs, reading secrets, and (unless allowed) the network."""
+# macOS: sandbox-exec (Seatbelt). More specific rules win, so each allow below carves a hole in
+# the broader deny before it.
+
+
+def seatbelt_profile(workspace: Path, allow_network: bool,
+                     grants: tuple[Grant, ...] = ()) -> str:
+    """A Seatbelt profile with the Linux sandbox's policy, as far as Seatbelt can say it."""
 
     def q(p: Path | str) -> str:
         return '"' + str(p).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    lines = ["(version 1)", "(allow default)", "(deny file-write*)",
-             f"(allow file-write* (subpath {q(workspace)})",
+    readable = [workspace, *(g.path for g in grants)]
+    writable = [workspace, *(g.path for g in grants if g.writable)]
+    lines = ["(version 1)", "(allow default)",
+             # The home and other users' homes: nothing but the workspace and allowed paths.
+             "(deny file-read* file-write* (subpath \"/Users\"))",
+             *(f"(deny file-read* file-write* (subpath {q(h)}))" for h in homes()),
+             "(allow file-read* " + " ".join(f"(subpath {q(p)})" for p in readable) + ")",
+             # Their parents may be looked at (getcwd, realpath), not listed or read.
+             "(allow file-read-metadata " + " ".join(
+                 f"(literal {q(a)})" for a in sorted({str(a) for p in readable
+                                                     for a in p.parents})) + ")",
+             "(deny file-write*)",
+             "(allow file-write* " + " ".join(f"(subpath {q(p)})" for p in writable),
              '    (subpath "/private/tmp") (subpath "/private/var/folders")',
-             '    (literal "/dev/null") (literal "/dev/tty") (subpath "/dev/fd"))']
-    for secret in (h / rel for h in homes() for rel in SECRETS):
-        lines.append(f"(deny file-read* (subpath {q(secret)}))")
-    if not allow_network:
+             '    (literal "/dev/null") (subpath "/dev/fd"))',
+             *(f"(deny file-read* file-write* (subpath {q(p)}))"
+               for p in ("/etc/sudoers", "/etc/sudoers.d", "/etc/master.passwd",
+                         "/private/etc/sudoers", "/private/etc/sudoers.d",
+                         "/private/etc/master.passwd", "/private/var/db/sudo"))]
+    if allow_network:
+        # Network yes, but no host Unix sockets (ssh-agent, docker...) except DNS's.
+        lines += ["(deny network-outbound (remote unix-socket))",
+                  "(allow network-outbound (remote unix-socket (path-literal "
+                  '"/private/var/run/mDNSResponder")))']
+    else:
         lines.append("(deny network*)")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
-"""Split a shell command into the simple commands it runs, for approval and the hard-deny list.
+"""Split a bash command into the simple commands it runs (bash's quoting rules, `$(…)` followed),
+for approval and the hard-deny list; what it cannot follow is `Unparsable`, never a guess.
 
-Segments are separated by `;`, `&&`, `||`, `|`, `&` and newlines; `$(…)`, backticks and `<(…)`
-become segments of their own. Anything this cannot follow (heredocs, subshells, control flow,
-unbalanced quotes) raises `Unparsable`: callers then ask, never assume.
+Words known only at run time (expansions, globs, braces, tildes, substitutions) mark their
+segment `opaque`: callers ask for it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ class Unparsable(ValueError):
 class Segment:
     words: list[str] = field(default_factory=list)  # quotes removed; substitutions as "$(…)"
     redirects: list[tuple[str, str]] = field(default_factory=list)  # (operator, target)
+    raw: list[str] = field(default_factory=list)  # each word's source text, quotes and all
+    opaque: bool = False  # a word or target is only known at run time, or a comment follows
 
     def writes(self) -> list[str]:
         """Files this segment's redirections write (not fd duplications)."""
@@ -28,22 +30,26 @@ class Segment:
 SUBSTITUTION = "$(…)"
 _BREAK = set(" \t\n;&|()<>")
 _KEYWORDS = {"if", "then", "else", "elif", "fi", "for", "while", "until", "do", "done", "case",
-             "esac", "function", "select", "{", "}", "((", "coproc"}
+             "esac", "function", "select", "{", "}", "((", "[[", "]]", "coproc"}
 _FD_REDIRECT = re.compile(r"\d*(>>|>\||>&|<>|<&|>|<)")
+_SIMPLE_PARAM = re.compile(r"\$\{([A-Za-z_]\w*|\d+|[@*#?$!-])\}")
+_NAME_PARAM = re.compile(r"\$([A-Za-z_]\w*|[0-9@*#?$!-])")
+# Characters that print nothing or move the cursor: a command holding one is never "plain".
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069"
+                        "\ufeff]")
 
 
 def split_command(command: str) -> list[Segment]:
     """The simple commands in `command`, outer ones first, nested substitutions after."""
+    if _INVISIBLE.search(command):
+        raise Unparsable("control or invisible characters")
     parser = _Parser(command)
     parser.sequence(terminator=None)
-    return [s for s in parser.segments if s.words or s.redirects]
-
-
-def segment_prefix(words: list[str]) -> tuple[str, ...]:
-    """What "approve this prefix" remembers: the program, plus a subcommand (`git status`)."""
-    if len(words) >= 2 and re.fullmatch(r"[A-Za-z][\w.-]*", words[1]):
-        return tuple(words[:2])
-    return tuple(words[:1])
+    segments = [s for s in parser.segments if s.words or s.redirects]
+    if any(s.opaque and not (s.words or s.redirects) for s in parser.segments):
+        for s in segments:  # a comment after an operator hides text from every segment
+            s.opaque = True
+    return segments
 
 
 class _Parser:
@@ -51,6 +57,7 @@ class _Parser:
         self.s = text
         self.pos = 0
         self.segments: list[Segment] = []
+        self.literal = True  # the word being read has a value known before it runs
 
     def _peek(self, n: int = 0) -> str:
         i = self.pos + n
@@ -78,11 +85,8 @@ class _Parser:
                 self.pos += 1
                 return
             two = self.s[self.pos:self.pos + 2]
-            if c in ";\n" or two in ("&&", "||"):
-                self.pos += 2 if two in ("&&", "||") else 1
-                current = next_segment()
-            elif two == "|&":
-                self.pos += 2
+            if c in ";\n" or two in ("&&", "||", "|&"):
+                self.pos += 2 if two in ("&&", "||", "|&") else 1
                 current = next_segment()
             elif c == "|":
                 self.pos += 1
@@ -90,7 +94,8 @@ class _Parser:
             elif c == "&" and self._peek(1) != ">":
                 self.pos += 1
                 current = next_segment()
-            elif c == "#" and (self.pos == 0 or self.s[self.pos - 1] in " \t\n;&|"):
+            elif c == "#":  # at the start of a word: a comment to the end of the line
+                current.opaque = True
                 while self._peek() and self._peek() != "\n":
                     self.pos += 1
             elif c in "()":
@@ -98,55 +103,57 @@ class _Parser:
             elif c in "<>" or (c == "&" and self._peek(1) == ">") or self._fd_redirect():
                 self._redirect(current)
             else:
-                word = self._word()
+                start = self.pos
+                word, literal = self._word()
                 if not current.words and not current.redirects and word in _KEYWORDS:
                     raise Unparsable(f"shell keyword {word!r}")
                 current.words.append(word)
+                current.raw.append(self.s[start:self.pos])
+                current.opaque |= not literal
 
     def _fd_redirect(self) -> bool:
-        m = re.match(r"\d+[<>]", self.s[self.pos:])
-        return m is not None
+        return re.match(r"\d+[<>]", self.s[self.pos:]) is not None
 
     def _redirect(self, segment: Segment) -> None:
         rest = self.s[self.pos:]
-        if rest.startswith("<<<"):
-            self.pos += 3
-            op = "<<<"
-        elif re.match(r"\d*<<", rest):
-            raise Unparsable("heredocs are not followed")
-        elif rest.startswith(("<(", ">(")):
+        if re.match(r"\d*<<", rest):
+            raise Unparsable("here-documents and here-strings are not followed")
+        if rest.startswith(("<(", ">(")):
             self.pos += 2
             self.sequence(terminator=")")
             segment.words.append(SUBSTITUTION)
+            segment.raw.append(SUBSTITUTION)
+            segment.opaque = True
             return
-        elif rest.startswith("&>>") or rest.startswith("&>"):
+        if rest.startswith("&>>") or rest.startswith("&>"):
             op = "&>>" if rest.startswith("&>>") else "&>"
-            self.pos += len(op)
         else:
-            m = _FD_REDIRECT.match(rest)
-            op = m.group(0)
-            self.pos += len(op)
+            op = _FD_REDIRECT.match(rest).group(0)
+        self.pos += len(op)
         while self._peek() in (" ", "\t"):
             self.pos += 1
-        if op in (">&", "<&") or op.endswith((">&", "<&")):
-            target = "&" + self._word()
-        else:
-            target = self._word()
-        if not target or target == "&":
+        if self._peek() in ("", "\n", ";", "&", "|", "<", ">", "(", ")"):
             raise Unparsable(f"redirection {op!r} without a target")
+        target, literal = self._word()
+        if op.endswith((">&", "<&")):
+            target = "&" + target
         segment.redirects.append((op, target))
+        segment.opaque |= not literal
 
-    def _word(self) -> str:
+    def _word(self) -> tuple[str, bool]:
+        """One word with quotes removed, and whether its value is known before it runs."""
         buf: list[str] = []
+        self.literal = True
         while True:
             c = self._peek()
             if not c or c in _BREAK:
                 break
             if c == "\\":
                 nxt = self._peek(1)
+                if nxt in ("", "\n"):
+                    raise Unparsable("backslash at the end of a line")
+                buf.append(nxt)
                 self.pos += 2
-                if nxt != "\n":
-                    buf.append(nxt)
             elif c == "'":
                 end = self.s.find("'", self.pos + 1)
                 if end < 0:
@@ -158,18 +165,16 @@ class _Parser:
                 buf.append(self._double_quoted())
             elif c == "`":
                 buf.append(self._backticks())
-            elif c == "$" and self._peek(1) == "(":
-                buf.append(self._substitution())
-            elif c == "$" and self._peek(1) == "{":
-                end = self.s.find("}", self.pos)
-                if end < 0:
-                    raise Unparsable("unbalanced ${")
-                buf.append(self.s[self.pos:end + 1])
-                self.pos = end + 1
+            elif c == "$":
+                if self._peek(1) in ("'", '"'):
+                    raise Unparsable("$'…' and $\"…\" quoting")
+                buf.append(self._dollar())
             else:
+                if c in "*?[{~":  # globs, brace expansion, tilde: known only when it runs
+                    self.literal = False
                 buf.append(c)
                 self.pos += 1
-        return "".join(buf)
+        return "".join(buf), self.literal
 
     def _double_quoted(self) -> str:
         buf: list[str] = []
@@ -180,25 +185,41 @@ class _Parser:
             if c == '"':
                 self.pos += 1
                 return "".join(buf)
-            if c == "\\" and self._peek(1) in ('"', "\\", "$", "`", "\n"):
-                if self._peek(1) != "\n":
-                    buf.append(self._peek(1))
+            if c == "\\" and self._peek(1) == "\n":
+                raise Unparsable("backslash-newline")
+            if c == "\\" and self._peek(1) in ('"', "\\", "$", "`"):
+                buf.append(self._peek(1))
                 self.pos += 2
             elif c == "`":
                 buf.append(self._backticks())
-            elif c == "$" and self._peek(1) == "(":
-                buf.append(self._substitution())
+            elif c == "$":
+                buf.append(self._dollar())
             else:
                 buf.append(c)
                 self.pos += 1
 
-    def _substitution(self) -> str:
-        """`$(…)`: its commands are parsed (and checked) like the outer ones."""
-        if self._peek(2) == "(":
+    def _dollar(self) -> str:
+        """`$…` at the cursor: a substitution (followed), a plain parameter (opaque) or `$`."""
+        rest = self.s[self.pos:self.pos + 3]
+        if rest.startswith("$((") or rest.startswith("$["):
             raise Unparsable("arithmetic expansion")
-        self.pos += 2
-        self.sequence(terminator=")")
-        return SUBSTITUTION
+        if rest.startswith("$("):
+            self.pos += 2
+            self.sequence(terminator=")")
+            self.literal = False  # after the inner words, which reset it
+            return SUBSTITUTION
+        if rest.startswith("${"):
+            m = _SIMPLE_PARAM.match(self.s, self.pos)
+            if not m:  # ${x:-…}, ${x/…}, ${!x}, ${#x}, ${x[…]}: bash runs code in some of them
+                raise Unparsable("parameter expansion with an operator")
+        else:
+            m = _NAME_PARAM.match(self.s, self.pos)
+            if not m:
+                self.pos += 1
+                return "$"
+        self.literal = False
+        self.pos = m.end()
+        return m.group(0)
 
     def _backticks(self) -> str:
         end = self.pos + 1
@@ -213,6 +234,7 @@ class _Parser:
             end += 1
         inner = re.sub(r"\\([`\\$])", r"\1", self.s[self.pos + 1:end])
         self.pos = end + 1
+        self.literal = False
         nested = _Parser(inner)
         nested.sequence(terminator=None)
         self.segments.extend(nested.segments)

@@ -1,6 +1,12 @@
 """Streaming parser for what Kimi-K2-Thinking generates: reasoning, answer text and tool calls.
 
-Fed one token id at a time; returns events as soon as their text is complete UTF-8.
+Fed one token id at a time; returns events as soon as their text is complete UTF-8 (and cannot be
+the start of a marker spelled out in text).
+
+Variants handled besides the documented format (the ones vLLM's kimi_k2 parsers handle too):
+reasoning without `<think>` closed by `</think>`; a tool-call section that ends reasoning with no
+`</think>`; the singular `<|tool_call_section_begin|>` / `<|tool_call_section_end|>`, which are
+not special tokens, so they arrive as text split across several tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ THINK_BEGIN = "<think>"
 THINK_END = "</think>"
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
 SECTION_END = "<|tool_calls_section_end|>"
+# Spellings the model also produces; no special token has them, so they are found in the text.
+SECTION_ALIASES = {"<|tool_call_section_begin|>": SECTION_BEGIN,
+                   "<|tool_call_section_end|>": SECTION_END}
 CALL_BEGIN = "<|tool_call_begin|>"
 ARGUMENT_BEGIN = "<|tool_call_argument_begin|>"
 CALL_END = "<|tool_call_end|>"
@@ -60,6 +69,7 @@ class ParsedOutput:
 
 
 class _Mode(Enum):
+    UNDECIDED = "undecided"  # nothing but text yet: reasoning if `</think>` follows, else answer
     TEXT = "text"
     REASONING = "reasoning"
     SECTION = "section"  # inside a tool-call section, between calls
@@ -72,7 +82,9 @@ class OutputParser:
     """Turns generated ids into ReasoningDelta / TextDelta / ToolCall / End events.
 
     The prompt ends with `<|im_assistant|>assistant<|im_middle|>` and the model opens `<think>`
-    itself; pass `starts_in_reasoning=True` if the prompt already ended with `<think>`.
+    itself; pass `starts_in_reasoning=True` if the prompt already ended with `<think>`. Text
+    generated before any marker is held back until a marker says what it was: reasoning if
+    `</think>` or a tool call follows, answer if `<think>` or the end does.
     """
 
     def __init__(self, tokenizer: Tokenizer, starts_in_reasoning: bool = False) -> None:
@@ -93,7 +105,15 @@ class OutputParser:
             )
             if name in ids
         }
-        self._mode = _Mode.REASONING if starts_in_reasoning else _Mode.TEXT
+        # Markers the tokenizer has no single id for are looked for in the decoded text.
+        self._text_markers = dict(SECTION_ALIASES)
+        self._text_markers.update({name: name for name in (THINK_BEGIN, THINK_END, SECTION_BEGIN,
+                                                           SECTION_END, CALL_BEGIN,
+                                                           ARGUMENT_BEGIN, CALL_END)
+                                   if name not in ids})
+        self._tail = ""  # decoded text that may be the start of a text marker
+        self._pending: list[str] = []  # text of the UNDECIDED start
+        self._mode = _Mode.REASONING if starts_in_reasoning else _Mode.UNDECIDED
         self._call_id: list[str] = []
         self._call_args: list[str] = []
         self._n_calls = 0
@@ -104,10 +124,11 @@ class OutputParser:
             return []
         marker = self._markers.get(token_id)
         if marker is None and token_id not in self._stop_ids:
-            return self._text(self._detok.add_token(token_id))
+            return self._scan(self._detok.add_token(token_id))
         # Markers end any partial character: flush it into the mode it was generated in.
-        events = self._text(self._detok.finalize())
+        events = self._scan(self._detok.finalize(), final=True)
         if token_id in self._stop_ids:
+            events += self._decide(TextDelta)
             events += self._close_call("the turn ended inside a tool call")
             self._mode = _Mode.DONE
             return [*events, End("stop")]
@@ -117,15 +138,46 @@ class OutputParser:
         """Flush at the end of generation; emits End(reason) unless a stop token already did."""
         if self._mode is _Mode.DONE:
             return []
-        events = self._text(self._detok.finalize())
+        events = self._scan(self._detok.finalize(), final=True)
+        events += self._decide(TextDelta)
         events += self._close_call("generation stopped inside a tool call")
         self._mode = _Mode.DONE
         return [*events, End(reason)]
+
+    def _scan(self, text: str, final: bool = False) -> list[Event]:
+        """Route decoded text, acting on the text markers in it. Unless `final`, a tail that could
+        begin a marker is kept back for the next token (a marker may be split across tokens)."""
+        text, self._tail = self._tail + text, ""
+        events: list[Event] = []
+        while text:
+            found = [(text.find(m), m) for m in self._text_markers if m in text]
+            if not found:
+                break
+            at, spelled = min(found)
+            events += self._text(text[:at])
+            events += self._marker(self._text_markers[spelled])
+            text = text[at + len(spelled):]
+        if not final:
+            keep = _marker_prefix_len(text, self._text_markers)
+            text, self._tail = text[:len(text) - keep], text[len(text) - keep:]
+        return events + self._text(text)
+
+    def _decide(self, kind: type[ReasoningDelta] | type[TextDelta]) -> list[Event]:
+        """End the UNDECIDED start: its held-back text was `kind`."""
+        if self._mode is not _Mode.UNDECIDED:
+            return []
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._mode = _Mode.REASONING if kind is ReasoningDelta else _Mode.TEXT
+        return [kind(text)] if text else []
 
     def _text(self, text: str) -> list[Event]:
         if not text:
             return []
         mode = self._mode
+        if mode is _Mode.UNDECIDED:
+            self._pending.append(text)
+            return []
         if mode is _Mode.TEXT:
             return [TextDelta(text)]
         if mode is _Mode.REASONING:
@@ -138,6 +190,13 @@ class OutputParser:
         return []
 
     def _marker(self, marker: str) -> list[Event]:
+        if self._mode is _Mode.UNDECIDED:
+            if marker == THINK_BEGIN:
+                return self._decide(TextDelta) + self._marker(marker)
+            if marker in (THINK_END, SECTION_BEGIN, CALL_BEGIN):
+                # Reasoning the model began without `<think>`: `</think>` or a tool call ends it.
+                return self._decide(ReasoningDelta) + self._marker(marker)
+            return []
         mode = self._mode
         if marker == THINK_BEGIN:
             if mode is _Mode.TEXT:
@@ -185,6 +244,17 @@ class OutputParser:
         self._call_args.clear()
         self._mode = _Mode.SECTION
         return [call]
+
+
+def _marker_prefix_len(text: str, markers) -> int:
+    """How many trailing characters of `text` are a proper prefix of some marker."""
+    start = text.rfind("<", max(0, len(text) - max(map(len, markers), default=0)))
+    while start != -1:
+        tail = text[start:]
+        if any(m.startswith(tail) for m in markers):
+            return len(tail)
+        start = text.find("<", start + 1)
+    return 0
 
 
 def _make_call(raw_id: str, raw_arguments: str, fallback_index: int) -> ToolCall:

@@ -294,19 +294,21 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return words.view(np.int32)
 
 
-def _make_tensor(rng: np.random.Generator, shape: tuple[int, ...], kind: str, p: Preset) -> mx.array:
+def _make_tensor(rng: np.random.Generator, shape: tuple[int, ...], kind: str,
+                 p: Preset) -> tuple[np.ndarray, str]:
+    """Random data for one tensor: (array, safetensors dtype); bf16 as its raw 16-bit words."""
     if kind == "packed":
         rows, words = shape
         q = rng.integers(-8, 8, size=(rows, words * 8), dtype=np.int8)
-        return mx.array(pack_int4(q))
+        return pack_int4(q), "int32"
     if kind.startswith("shape:"):
-        return mx.array(np.array([int(v) for v in kind[6:].split(",")], dtype=np.int64))
+        return np.array([int(v) for v in kind[6:].split(",")], dtype=np.int64), "int64"
     if kind == "router_bias":
         bias = rng.standard_normal(shape).astype(np.float32) * 0.01
         if p.router_skew:
             # A few popular experts, as in real routing: bias decays with expert id.
             bias += p.router_skew * np.exp(-np.arange(shape[0]) / max(1.0, shape[0] / 8))
-        return mx.array(bias)
+        return bias.astype(np.float32), "float32"
     if kind == "norm":
         w = 1.0 + 0.1 * rng.standard_normal(shape)
     elif kind == "scale":
@@ -319,7 +321,23 @@ def _make_tensor(rng: np.random.Generator, shape: tuple[int, ...], kind: str, p:
         w = rng.standard_normal(shape) * (4.0 / math.sqrt(shape[1]))
     else:  # linear, router
         w = rng.standard_normal(shape) / math.sqrt(shape[1])
-    return mx.array(w.astype(np.float32)).astype(mx.bfloat16)
+    bf16 = mx.array(w.astype(np.float32)).astype(mx.bfloat16).view(mx.uint16)
+    return np.array(bf16), "bfloat16"
+
+
+def save_release_shard(path: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Write one shard with the `safetensors` library's own serializer, as the release was:
+    tensors ordered by dtype (I64, F32, I32, BF16) then by name."""
+    import safetensors
+
+    arrays = {k: (np.ascontiguousarray(a), d) for k, (a, d) in tensors.items()}
+    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8: raw pointers, no copy
+        specs = {k: safetensors.TensorSpec(dtype=d, shape=list(a.shape), data_ptr=a.ctypes.data,
+                                           data_len=a.nbytes) for k, (a, d) in arrays.items()}
+    else:  # older releases take the bytes
+        specs = {k: {"dtype": d, "shape": list(a.shape), "data": a.tobytes()}
+                 for k, (a, d) in arrays.items()}
+    safetensors.serialize_file(specs, str(path), metadata={"format": "pt"})
 
 
 def _nbytes(shape: tuple[int, ...], kind: str) -> int:
@@ -363,7 +381,7 @@ def write_checkpoint(path: str | Path, preset_name: str = "tiny", seed: int = 0,
         for tname, shape, kind in shard:
             tensors[tname] = _make_tensor(rng, shape, kind, p)
             weight_map[tname] = name
-        mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "pt"})
+        save_release_shard(tmp / name, tensors)
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

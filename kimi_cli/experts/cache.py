@@ -10,18 +10,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from ..checkpoint.layout import EXPERT_PROJS, expert_shapes
-from ..errors import KimiError
+from ..errors import KimiError, UsageError
 from ..model.args import ModelArgs
 
 # Reads that a block source performs: fill `dest` (region name -> writable array) for one expert.
 ReadFn = Callable[[int, int, dict[str, np.ndarray]], int]
+
+
+class ExpertSource(Protocol):
+    """Where misses come from: the release's own shards (`experts.release`) or an expert pack
+    (`experts.pack`). `read_into` fills a slot's packed words in place and adds the raw bf16
+    scales to `dest`; it returns the bytes read."""
+
+    page_cache: bool  # False: reads bypass the OS page cache
+
+    def read_into(self, layer: int, expert: int, dest: dict[str, np.ndarray]) -> int: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -95,11 +108,11 @@ class CacheStats:
 
 
 def slot_nbytes(args: ModelArgs, dtype: mx.Dtype) -> int:
-    """Bytes one expert occupies in a slot: packed words, then scales and biases in `dtype`."""
-    total = 0
-    for rows, cols in expert_shapes(args).values():
-        total += rows * cols // 2 + 2 * rows * (cols // args.group_size) * dtype.size
-    return total
+    """Bytes one expert occupies in a slot: packed words, then scales (and, for the gather_qmm
+    fallback only, biases) in `dtype`. On Metal the kernels need no biases: the release's bytes."""
+    from mlx_kernels import expert_bytes
+
+    return expert_bytes(expert_shapes(args).values(), args.group_size, dtype.size)
 
 
 def fmt_bytes(n: float) -> str:
@@ -136,11 +149,14 @@ class LayerPool:
         self.capacity = capacity
         self.dtype = dtype
         gs = args.group_size
+        from mlx_kernels import needs_biases
+
         self.arrays: dict[str, mx.array] = {}
         for proj, (rows, cols) in expert_shapes(args).items():
             self.arrays[f"{proj}.weight"] = mx.zeros((capacity, rows, cols // 8), mx.uint32)
             self.arrays[f"{proj}.scales"] = mx.zeros((capacity, rows, cols // gs), dtype)
-            self.arrays[f"{proj}.biases"] = mx.zeros((capacity, rows, cols // gs), dtype)
+            if needs_biases():  # only the gather_qmm fallback reads them
+                self.arrays[f"{proj}.biases"] = mx.zeros((capacity, rows, cols // gs), dtype)
         mx.eval(list(self.arrays.values()))
         # Writable host views of the evaluated buffers (unified memory on Apple silicon).
         self.views = {k: np.array(v, copy=False) for k, v in self.arrays.items()}
@@ -153,9 +169,12 @@ class LayerPool:
             if self.dtype == mx.float32:
                 s = (s16.astype(np.uint32) << 16).view(np.float32)
                 self.views[f"{proj}.scales"][slot] = s
-                np.multiply(s, -8.0, out=self.views[f"{proj}.biases"][slot])
+                if f"{proj}.biases" in self.views:
+                    np.multiply(s, -8.0, out=self.views[f"{proj}.biases"][slot])
             else:  # bf16 pools: copy the bits; -8*s is exact in bf16 (exponent + 3)
                 self.views[f"{proj}.scales"][slot].view(np.uint16)[...] = s16
+                if f"{proj}.biases" not in self.views:
+                    continue
                 s = (s16.astype(np.uint32) << 16).view(np.float32) * -8.0
                 self.views[f"{proj}.biases"][slot].view(np.uint16)[...] = (
                     s.view(np.uint32) >> 16).astype(np.uint16)
@@ -347,7 +366,10 @@ class ExpertCache:
         if not np.isfinite(score[s]):
             if prefetch:
                 return -1
-            raise AssertionError("no evictable slot")
+            # A demand request never fails because guesses are in flight: take their slots.
+            if not self._reclaim_prefetch(layer, protect):
+                raise AssertionError("no evictable slot")
+            return self._victim(layer, protect)
         old = int(expert_in[s])
         if old >= 0:
             self._slot_of[layer][old] = -1
@@ -355,6 +377,27 @@ class ExpertCache:
             self.stats.layers[layer].evictions += 1
         expert_in[s] = -1
         return s
+
+    def _reclaim_prefetch(self, layer: int, protect: set[int]) -> bool:
+        """Free a slot held by an in-flight prefetch the request does not need: cancel a read
+        still queued (it never touches the slot), else wait until a running one has finished
+        writing. False when no such prefetch exists."""
+        held = [(e, slot, fut) for (L, e), (slot, fut) in self._pending.items()
+                if L == layer and e not in protect and e in self._prefetched[layer]
+                and not fut.done()]
+        for e, slot, fut in held:
+            if fut.cancel():
+                del self._pending[(layer, e)]
+                self._prefetched[layer].discard(e)
+                self._slot_of[layer][e] = -1
+                self._expert_in[layer][slot] = -1
+                return True
+        if not held:
+            return False
+        t0 = time.perf_counter()
+        wait([fut for _, _, fut in held], return_when=FIRST_COMPLETED)
+        self.stats.layers[layer].stall_seconds += time.perf_counter() - t0
+        return True  # the finished read is reaped (and its slot evictable) on the next look
 
     def _start_read(self, layer: int, expert: int, slot: int) -> Future:
         pool = self.pools[layer]
@@ -388,12 +431,15 @@ class ExpertCache:
         return fut
 
 
-def plan_slots(args: ModelArgs, budget: int, dtype: mx.Dtype) -> dict[int, int]:
-    """Slots per MoE layer for a byte budget: equal shares; layers that fit are left out."""
+def plan_slots(args: ModelArgs, budget: int, dtype: mx.Dtype,
+               per_layer: int | None = None) -> dict[int, int]:
+    """Slots per MoE layer for a byte budget (or `per_layer` slots): equal shares; {} when
+    every expert fits."""
     moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
     per_expert = slot_nbytes(args, dtype)
     E, k = args.n_routed_experts, args.num_experts_per_tok
-    per_layer = budget // max(1, len(moe_layers)) // per_expert
+    if per_layer is None:
+        per_layer = budget // max(1, len(moe_layers)) // per_expert
     need = k * per_expert * len(moe_layers)
     if per_layer < k:
         raise KimiError(
@@ -402,6 +448,115 @@ def plan_slots(args: ModelArgs, budget: int, dtype: mx.Dtype) -> dict[int, int]:
     if per_layer >= E:
         return {}
     return {L: int(per_layer) for L in moe_layers}
+
+
+EXPERT_CACHE_SPELLINGS = ("a size (40GB, 512MiB), a share of machine memory (25%), a share "
+                          "of the experts (25%experts), auto or off")
+
+
+def parse_cache_spec(spec: str | int | None) -> tuple[str, float]:
+    """`--expert-cache` as (kind, value): ("auto", 0), ("off", 0), ("bytes", n),
+    ("memory", fraction of machine memory) or ("experts", fraction of each layer's experts)."""
+    if spec is None:
+        return "auto", 0
+    if isinstance(spec, int):
+        return "bytes", spec
+    s = spec.strip().lower().replace(" ", "")
+    if s in ("auto", "off"):
+        return s, 0
+    bad = UsageError(f"--expert-cache {spec!r}: use {EXPERT_CACHE_SPELLINGS}")
+    for suffix, kind in (("%experts", "experts"), ("%memory", "memory"), ("%", "memory")):
+        if s.endswith(suffix):
+            try:
+                share = float(s[: -len(suffix)])
+            except ValueError:
+                raise bad from None
+            if not 0 < share <= 100:
+                raise UsageError(f"--expert-cache {spec!r}: a share must be above 0% and at "
+                                 "most 100%")
+            return kind, share / 100
+    try:
+        n = parse_size(s)
+    except KimiError:
+        raise bad from None
+    if n <= 0:
+        raise bad
+    return "bytes", n
+
+
+@dataclass
+class CachePlan:
+    """What `--expert-cache` came to for one model: the budget, the slots, where misses come
+    from. Reported on stderr when streaming and in `--format json` whenever the flag is given."""
+
+    spec: str
+    explicit: bool  # the user gave --expert-cache
+    budget: int | None  # bytes; None with "off"
+    slots: dict[int, int]  # streamed layer -> slots; {} when every layer's experts fit
+    moe_layers: int
+    n_experts: int
+    slot_bytes: int
+    source: str | None = None  # "release" or "pack" when streaming
+
+    @property
+    def share(self) -> float:
+        if not self.slots:
+            return 1.0
+        return sum(self.slots.values()) / (len(self.slots) * self.n_experts)
+
+    @property
+    def slot_total(self) -> int:
+        return sum(self.slots.values()) * self.slot_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec,
+            "streaming": bool(self.slots),
+            "all_layers_fit": not self.slots,
+            "budget_bytes": self.budget,
+            "experts_held_share": self.share,
+            "slots_per_layer": (min(self.slots.values()) if self.slots else self.n_experts),
+            "experts_per_layer": self.n_experts,
+            "streamed_layers": len(self.slots),
+            "moe_layers": self.moe_layers,
+            "source": self.source,
+        }
+
+    def describe(self) -> str:
+        per = min(self.slots.values())
+        budget = self.budget or 0
+        of = f"budget {fmt_bytes(budget)}, " if budget > 1.01 * self.slot_total else ""
+        return (f"kimi: expert cache {fmt_bytes(self.slot_total)} ({of}--expert-cache "
+                f"{self.spec}): {self.share:.0%} "
+                f"of the experts held ({per} of {self.n_experts} per layer, {len(self.slots)} "
+                f"layers); misses are read from the {self.source}")
+
+
+def make_plan(args: ModelArgs, spec: str | int | None, dtype: mx.Dtype, resident_bytes: int,
+              kv_bytes: int) -> CachePlan:
+    """Turn `--expert-cache` into slots: auto (the default) streams only when the resident
+    model would not fit in this machine's memory; off keeps every expert resident."""
+    kind, value = parse_cache_spec(spec)
+    moe = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+    per_expert = slot_nbytes(args, dtype)
+    text = str(spec) if spec is not None else "auto"
+    if isinstance(spec, int):
+        text = f"{spec}B"
+    plan = CachePlan(text, spec is not None, None, {}, moe, args.n_routed_experts, per_expert)
+    if kind == "off":
+        return plan
+    per_layer = None
+    if kind == "auto":
+        plan.budget = default_budget(args, resident_bytes, kv_bytes)
+    elif kind == "bytes":
+        plan.budget = int(value)
+    elif kind == "memory":
+        plan.budget = int(_machine_memory() * value)
+    else:
+        per_layer = int(args.n_routed_experts * value)
+        plan.budget = per_layer * per_expert * moe
+    plan.slots = plan_slots(args, plan.budget, dtype, per_layer)
+    return plan
 
 
 def default_budget(args: ModelArgs, resident_bytes: int, kv_bytes: int) -> int:

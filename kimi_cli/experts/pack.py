@@ -33,6 +33,7 @@ EXPERTS_DIR = "experts"
 # Block stride alignment (a multiple of every page size in use) and region alignment inside it.
 ALIGNMENT = 16384
 REGION_ALIGNMENT = 4096
+CORRUPT_HINT = "; the pack is corrupt: reconvert it with `kimi convert --force`"
 # Release files copied into the pack as they are, when the source has them.
 METADATA_FILES = ("config.json", "generation_config.json", "tiktoken.model",
                   "tokenizer_config.json", "chat_template.jinja")
@@ -186,7 +187,7 @@ class Pack:
         buf = buf[:n]
         fd, entry = self._fd(layer), self._entry(layer)
         self._check_expert(entry, layer, expert)
-        _preadv_full(fd, [buf], expert * self.layout.stride, entry.file)
+        preadv_full(fd, [buf], expert * self.layout.stride, entry.file)
         self._after_read(fd, expert)
         if verify:
             self._check_crc(entry, layer, expert, zlib.crc32(buf))
@@ -211,7 +212,7 @@ class Pack:
                                  f"array, got {arr.nbytes} bytes")
             views.append(memoryview(arr).cast("B"))
             pos = r.offset + r.nbytes
-        _preadv_full(fd, views, expert * self.layout.stride, entry.file)
+        preadv_full(fd, views, expert * self.layout.stride, entry.file)
         self._after_read(fd, expert)
         if verify:
             crc = 0
@@ -232,7 +233,7 @@ class Pack:
                 try:
                     self.read_block(layer, e, buf)
                 except CheckpointError as err:
-                    bad.append(str(err))
+                    bad.append(str(err).removesuffix(CORRUPT_HINT))  # said once, at the end
                 done += self.layout.block_bytes
                 if progress:
                     progress(done, total, time.monotonic() - t0)
@@ -250,8 +251,7 @@ class Pack:
                            f"expected {expected:08x})")
         if bad:
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-            raise CheckpointError("; ".join(bad[:5]) + more + "; the pack is corrupt: "
-                                  "reconvert it with `kimi convert --force`")
+            raise CheckpointError("; ".join(bad[:5]) + more + CORRUPT_HINT)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -271,8 +271,7 @@ class Pack:
         if crc != want:
             raise CheckpointError(
                 f"{entry.file}: layer {layer} expert {expert} fails its checksum "
-                f"(crc32 {crc:08x}, expected {want:08x}); the pack is corrupt: "
-                "reconvert it with `kimi convert --force`")
+                f"(crc32 {crc:08x}, expected {want:08x})" + CORRUPT_HINT)
 
     def _after_read(self, fd: int, expert: int) -> None:
         if not self.page_cache and _FADVISE:
@@ -297,8 +296,10 @@ class Pack:
         return fd
 
 
-def _preadv_full(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
-    """Fill `views` from `offset`; a short file is a truncated pack."""
+def preadv_full(fd: int, views: list[memoryview], offset: int, path: Path,
+                fix: str = "reconvert with `kimi convert --force`") -> None:
+    """Fill `views` from `offset` (several `preadv` calls if the kernel returns short counts);
+    a file that ends early is reported as truncated, with `fix` saying what to do."""
     want = sum(len(v) for v in views)
     got = 0
     while views:
@@ -310,7 +311,7 @@ def _preadv_full(fd: int, views: list[memoryview], offset: int, path: Path) -> N
             views[0][:n] = data
         if n == 0:
             raise CheckpointError(f"{path}: truncated (wanted {want} bytes at {offset}, file "
-                                  f"ends after {got}); reconvert with `kimi convert --force`")
+                                  f"ends after {got}); {fix}")
         got += n
         while views and n >= len(views[0]):
             n -= len(views[0])

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_kernels import QuantizedWeight, expert_swiglu
+from mlx_kernels import QuantizedWeight, needs_biases, switch_mlp
 
 from .args import ModelArgs
 from .linear import Linear
@@ -51,7 +51,10 @@ class Router(Linear):
             raise ValueError("grouped expert selection (n_group > 1) is not supported")
 
     def __call__(self, x: mx.array):
-        return route(super().__call__(x), self.e_score_correction_bias, self.top_k, self.scaling,
+        # float32 whatever the compute dtype (the loader keeps the weight float32): in bf16 about
+        # 2% of the release's tokens pick a different top-8 set than its own modeling code.
+        logits = super().__call__(x.astype(mx.float32))
+        return route(logits, self.e_score_correction_bias, self.top_k, self.scaling,
                      self.normalize)
 
 
@@ -67,16 +70,18 @@ class RoutedExperts(nn.Module):
             setattr(self, name, {
                 "weight": mx.zeros((E, out, inp // 8), mx.uint32),
                 "scales": mx.zeros((E, out, inp // self.group_size)),
-                "biases": mx.zeros((E, out, inp // self.group_size)),
+                # Only the gather_qmm fallback reads biases; the Metal kernels know the offset.
+                **({"biases": mx.zeros((E, out, inp // self.group_size))}
+                   if needs_biases() else {}),
             })
 
     def _w(self, name: str) -> QuantizedWeight:
         d = getattr(self, name)
-        return QuantizedWeight(d["weight"], d["scales"], d["biases"])
+        return QuantizedWeight(d["weight"], d["scales"], d.get("biases"))
 
-    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
-        return expert_swiglu(x, inds, self._w("gate_proj"), self._w("up_proj"),
-                             self._w("down_proj"), self.group_size)
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        return switch_mlp(x, inds, weights, self._w("gate_proj"), self._w("up_proj"),
+                          self._w("down_proj"), self.group_size)
 
 
 class MoE(nn.Module):
@@ -92,8 +97,7 @@ class MoE(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, weights = self.gate(x)
-        y = self.experts(x, inds)
-        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        y = self.experts(x, inds, weights)  # weighted sum over the top-k in float32
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
@@ -118,10 +122,10 @@ class StreamedExperts(nn.Module):
 
     def _weights(self):
         a = self._cache.pools[self.layer].arrays
-        return [QuantizedWeight(a[f"{p}.weight"], a[f"{p}.scales"], a[f"{p}.biases"])
+        return [QuantizedWeight(a[f"{p}.weight"], a[f"{p}.scales"], a.get(f"{p}.biases"))
                 for p in ("gate_proj", "up_proj", "down_proj")]
 
-    def __call__(self, x: mx.array, inds: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         cache = self._cache
         pred = None
         if self._predict is not None and cache.prefetch_enabled:
@@ -144,10 +148,11 @@ class StreamedExperts(nn.Module):
             if pred is not None:
                 cache.prefetch(self._next_layer, np.unique(np.array(pred)))
             slots = mx.array(lut[host].astype(np.uint32))
-            return expert_swiglu(x, slots, *self._weights(), self.group_size)
+            return switch_mlp(x, slots, weights, *self._weights(), self.group_size)
         # More experts than slots (a long prefill chunk at a small budget): group by expert.
         x2 = x.reshape(B * L, D)
-        y = mx.zeros((B * L * k, D), dtype=x.dtype)
+        y = mx.zeros((B * L * k, D), dtype=mx.float32)
+        w = weights.reshape(B * L * k)
         hot = np.array(sorted(set(int(e) for e in experts) & pinned), dtype=np.int64)
         for start in range(0, len(unpinned), capacity):
             group = unpinned[start : start + capacity]
@@ -157,9 +162,10 @@ class StreamedExperts(nn.Module):
             rows = np.nonzero(np.isin(flat, group))[0]
             xs = x2[mx.array(rows // k)][None]
             idx = mx.array(lut[flat[rows]].astype(np.uint32))[None, :, None]
-            ys = expert_swiglu(xs, idx, *self._weights(), self.group_size)
+            ys = switch_mlp(xs, idx, w[mx.array(rows)][None, :, None], *self._weights(),
+                            self.group_size)  # each row weighted; summed over k below
             y[mx.array(rows)] = ys.reshape(len(rows), D)
             mx.eval(y)  # the next group may overwrite these slots
         if pred is not None:
             cache.prefetch(self._next_layer, np.unique(np.array(pred)))
-        return y.reshape(B, L, k, D)
+        return y.reshape(B, L, k, D).sum(axis=-2).astype(x.dtype)

@@ -19,7 +19,7 @@ from ..agent.approval import Mode, Policy, StreamApprover
 from ..agent.frontend import HINTS, show
 from ..agent.loop import Agent, AgentConfig
 from ..agent.prompt import encode_messages
-from ..agent.sandbox import choose
+from ..agent.sandbox import Sandbox, choose
 from ..agent.tools import Tool, ToolContext, select
 from ..chat.reply import Reply
 from ..engine import Stats
@@ -46,6 +46,8 @@ class AgentMode:
     approval: Mode = Mode.ask
     allow_network: bool = False
     max_steps: int = config.AGENT_MAX_STEPS
+    sandbox: Sandbox | None = None  # checked by cli._agent_options; None: the best one here
+    max_command_timeout: float = config.AGENT_SHELL_MAX_TIMEOUT
     on: bool = False
     _ctx: ToolContext | None = field(default=None, repr=False)
     _policy: Policy | None = field(default=None, repr=False)
@@ -56,11 +58,14 @@ class AgentMode:
         return cls(tools=opts["tools"], workspace=opts["workspace"],
                    approval=Mode(opts["approval"].value if opts["approval"] else "ask"),
                    allow_network=opts["allow_network"],
-                   max_steps=opts["max_steps"] or config.AGENT_MAX_STEPS, on=on)
+                   max_steps=opts["max_steps"] or config.AGENT_MAX_STEPS,
+                   sandbox=opts["sandbox"], on=on, max_command_timeout=(
+                       opts["max_command_timeout"] or config.AGENT_SHELL_MAX_TIMEOUT))
 
     def context(self) -> ToolContext:
         if self._ctx is None:
-            self._ctx = ToolContext(self.workspace, choose(self.allow_network))
+            self._ctx = ToolContext(self.workspace, self.sandbox or choose(self.allow_network),
+                                    shell_max_timeout=self.max_command_timeout)
         return self._ctx
 
     def policy(self, question_to) -> Policy:

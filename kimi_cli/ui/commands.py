@@ -189,6 +189,11 @@ def _agent(app: ChatApp, arg: str) -> None:
         return
     if arg.lower() not in ("on", "off"):
         raise CommandError(f"/agent: expected on or off, got {arg!r}")
+    from ..agent.sandbox import workspace_problem
+
+    problem = workspace_problem(app.agent.workspace) if arg.lower() == "on" else None
+    if problem:  # e.g. a chat started in the home directory
+        raise CommandError(f"/agent: {problem} (restart with --agent -w DIR)")
     app.set_agent(arg.lower() == "on")
 
 

@@ -81,7 +81,10 @@ class PromptReader:
         class _History(FileHistory):
             def store_string(self, string: str) -> None:
                 try:  # a history that cannot be written must not break the prompt
-                    Path(self.filename).parent.mkdir(parents=True, exist_ok=True)
+                    from ..sessions import open_private, private_dir
+
+                    private_dir(Path(self.filename).parent)
+                    open_private(Path(self.filename), "a").close()  # 0600 before it holds text
                     super().store_string(string)
                 except OSError:
                     pass

@@ -21,6 +21,7 @@ from rich.style import Style
 from rich.text import Text
 
 from .. import config
+from ..agent.escape import visible
 from .events import ReasoningDelta, TextDelta, ThinkMode, ToolCall, ToolResult
 from .term import can_go_live
 
@@ -170,26 +171,28 @@ def _shown(result) -> str:
 
 
 def tool_call_panel(call) -> Frame:
+    # Everything here comes from the model: control characters are shown, never sent.
     if call.arguments is not None:
-        body = Text(json.dumps(call.arguments, indent=2, ensure_ascii=False))
+        body = Text(visible(json.dumps(call.arguments, indent=2, ensure_ascii=False)))
     else:
-        body = Text(call.raw_arguments or "(no arguments)")
+        body = Text(visible(call.raw_arguments or "(no arguments)"))
     if call.error:
-        body.append(f"\n{call.error}", style=ERROR_STYLE)
-    title = Text.assemble(("tool call ", "bold"), (call.name or "?", "bold " + TOOL_STYLE))
-    return Frame(body, title=title, footer=Text(call.id, style="dim"), style=TOOL_STYLE)
+        body.append(f"\n{visible(call.error)}", style=ERROR_STYLE)
+    title = Text.assemble(("tool call ", "bold"),
+                          (visible(call.name or "?"), "bold " + TOOL_STYLE))
+    return Frame(body, title=title, footer=Text(visible(call.id), style="dim"), style=TOOL_STYLE)
 
 
 def tool_result_panel(result) -> Frame:
-    shown = _shown(result)
+    shown = visible(_shown(result), tabs=True)
     lines = shown.rstrip("\n").split("\n") if shown else ["(empty)"]
     body = Text("\n".join(lines[:RESULT_LINES]))
     if len(lines) > RESULT_LINES:
         body.append(f"\n… {len(lines) - RESULT_LINES} more lines", style="dim")
     style = ERROR_STYLE if _failed(result) else RESULT_STYLE
     title = Text.assemble(("error from " if _failed(result) else "result of ", "bold"),
-                          (result.name or "?", "bold " + style))
-    return Frame(body, title=title, footer=Text(result.id, style="dim"), style=style)
+                          (visible(result.name or "?"), "bold " + style))
+    return Frame(body, title=title, footer=Text(visible(result.id), style="dim"), style=style)
 
 
 def reasoning_summary(text: str, seconds: float, width: int) -> Text:
@@ -528,17 +531,18 @@ class PlainRenderer:
     def tool_call(self, call) -> None:
         self._end_reasoning()
         if not self.quiet:
-            self._write(self.err, f"[tool call {call.id}: {call.raw_arguments}]\n")
+            self._write(self.err, f"[tool call {visible(call.id)}: "
+                                  f"{visible(call.raw_arguments or '')}]\n")
 
     def tool_result(self, result) -> None:
         self._end_reasoning()
         if not self.quiet:
-            lines = _shown(result).rstrip("\n").split("\n")
+            lines = visible(_shown(result), tabs=True).rstrip("\n").split("\n")
             body = "\n".join(lines[:RESULT_LINES])
             more = (f"\n… {len(lines) - RESULT_LINES} more lines"
                     if len(lines) > RESULT_LINES else "")
             what = "tool error" if _failed(result) else "tool result"
-            self._write(self.err, f"[{what} {result.id}]\n{body}{more}\n")
+            self._write(self.err, f"[{what} {visible(result.id)}]\n{body}{more}\n")
 
     def note(self, text: str, style: str = "dim") -> None:
         self._end_reasoning()

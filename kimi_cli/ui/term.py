@@ -119,3 +119,28 @@ def line_input(stream: IO | None = None) -> contextlib.AbstractContextManager[No
     """Ordinary line input (echo, line editing, Enter) for a question asked inside `no_echo`;
     keys typed ahead are dropped first, so an answer is always typed after the question."""
     return _tty_mode(stream, echo_and_lines=True, flush=True)
+
+
+def wait_for_reader(stream: IO, timeout: float = 0.25) -> None:
+    """Before a stderr line on a terminal, let the reader of a piped `stream` (`| cat` to the
+    same terminal) take what was written, so the line does not land inside the output."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+    import time
+
+    try:
+        stream.flush()
+        fd = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not is_tty(sys.stderr):
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+            if unread == 0:
+                time.sleep(0.01)  # the reader took it; give it a moment to write it out
+                return
+            time.sleep(0.005)
+    except (OSError, ValueError, AttributeError):
+        return

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ... import config
-from ..safety import Refused
+from ..safety import Refused, command_protected, resolve, workspace_protected
 from ..sandbox import Sandbox
 
 
@@ -24,6 +24,20 @@ class ToolContext:
     output_cap: int = config.AGENT_TOOL_OUTPUT_CAP  # characters of a result the model sees
     shell_timeout: float = config.AGENT_SHELL_TIMEOUT
     shell_max_timeout: float = config.AGENT_SHELL_MAX_TIMEOUT
+    grep_timeout: float = config.AGENT_GREP_TIMEOUT
+
+
+def protected_target(args: dict, ctx: ToolContext) -> str | None:
+    """Why a call that changes something always asks: it writes a file that runs code."""
+    if isinstance(args.get("command"), str):
+        return command_protected(args["command"], ctx.workspace)
+    if isinstance(args.get("path"), str):
+        try:
+            return workspace_protected(resolve(ctx.workspace, args["path"], write=True),
+                                       ctx.workspace)
+        except Refused:
+            return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class Tool:
     check: Callable[[dict, ToolContext], None] = lambda args, ctx: None
     # What the user sees when asked to approve (the full command, or a diff).
     preview: Callable[[dict, ToolContext], str] = lambda args, ctx: ""
+    # Why this call must ask in every mode (safety.workspace_protected), or None.
+    protected: Callable[[dict, ToolContext], str | None] = protected_target
 
     def schema(self) -> dict:
         return {"type": "function", "function": {

@@ -1,6 +1,7 @@
 """edit_file{path, old, new}: replace one exact, unique occurrence of `old` in a file with `new`.
 
-Safety: the same as write_file. Fails, changing nothing, if `old` is absent or not unique.
+Safety: the same as write_file (replaced, not written in place). Fails, changing nothing, if
+`old` is absent or not unique.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ def _edited(args: dict, ctx: ToolContext) -> tuple[str, str]:
 
 def run(args: dict, ctx: ToolContext) -> str:
     before, after = _edited(args, ctx)
-    write(resolve(ctx.workspace, args["path"], write=True), after)
+    note = write(resolve(ctx.workspace, args["path"], write=True), after, args["path"])
     removed = args["old"].count("\n") + 1
     added = args["new"].count("\n") + 1 if args["new"] else 0
-    return f"edited {args['path']}: replaced {removed} line(s) with {added} line(s)"
+    return f"edited {args['path']}: replaced {removed} line(s) with {added} line(s){note}"
 
 
 def check(args: dict, ctx: ToolContext) -> None:

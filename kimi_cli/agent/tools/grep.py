@@ -1,13 +1,17 @@
 """grep{pattern, path?}: lines matching a regular expression in the workspace's text files.
 
-Safety: `path` must resolve inside the workspace; files that are secrets or that symlinks lead
-outside it are skipped.
+Safety: `path` must resolve inside the workspace; secrets, non-regular files and files that
+symlinks lead outside it are skipped; matching runs in a worker killed after a time limit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 from ..safety import protected, resolve
@@ -19,6 +23,16 @@ MAX_LINE = 300
 MAX_FILE = 8 << 20
 
 
+WORKER = Path(__file__).with_name("grep_worker.py")
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
 def _files(root: Path, workspace: Path):
     if root.is_file():
         yield root
@@ -28,42 +42,62 @@ def _files(root: Path, workspace: Path):
         for name in sorted(filenames):
             p = Path(dirpath) / name
             real = Path(os.path.realpath(p))
-            if (workspace in real.parents) and not protected(real, write=False):
+            if (workspace in real.parents) and not protected(real, write=False) and _regular(p):
                 yield p
+
+
+def _search(pattern: str, files: list[tuple[str, str]], timeout: float) -> tuple[str, bool]:
+    """The worker's output (JSON lines), and whether it ran out of time and was killed."""
+    job = json.dumps({"pattern": pattern, "files": files, "max_line": MAX_LINE,
+                      "max_file": MAX_FILE})
+    # -I -S: no site-packages, no environment: the worker needs only the standard library.
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(WORKER)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            encoding="utf-8")
+    try:
+        out, _ = proc.communicate(job, timeout=timeout)
+        return out, False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return out, True
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run(args: dict, ctx: ToolContext) -> str:
     try:
-        regex = re.compile(args["pattern"])
+        re.compile(args["pattern"])  # a bad pattern is a clear error before the worker starts
     except re.error as e:
         raise ToolError(f"bad regular expression {args['pattern']!r}: {e}") from None
     root = resolve(ctx.workspace, args.get("path") or ".")
     if not root.exists():
         raise ToolError(f"{args.get('path')}: no such file or directory")
+    files = [(str(p), p.relative_to(ctx.workspace).as_posix())
+             for p in _files(root, ctx.workspace)]
+    found, timed_out = _search(args["pattern"], files, ctx.grep_timeout)
     out: list[str] = []
     size = 0
     more = False
-    for p in _files(root, ctx.workspace):
+    for line in found.splitlines():
         try:
-            if p.stat().st_size > MAX_FILE:
-                continue
-            data = p.read_bytes()
-        except OSError:
+            rel, n, text = json.loads(line)
+        except ValueError:  # the last line, cut when the worker was killed
             continue
-        if b"\0" in data[:8192]:
-            continue
-        rel = p.relative_to(ctx.workspace).as_posix()
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            if regex.search(line):
-                if len(out) >= MAX_MATCHES or size > ctx.output_cap:
-                    more = True
-                    break
-                if len(line) > MAX_LINE:
-                    line = line[:MAX_LINE] + "…"
-                out.append(f"{rel}:{n}:{line}")
-                size += len(out[-1]) + 1
-        if more:
+        if len(out) >= MAX_MATCHES or size > ctx.output_cap:
+            more = True
             break
+        if len(text) > MAX_LINE:
+            text = text[:MAX_LINE] + "…"
+        out.append(f"{rel}:{n}:{text}")
+        size += len(out[-1]) + 1
+    if timed_out:
+        out.append(f"[grep stopped after {ctx.grep_timeout:g} s: the pattern is too slow (nested "
+                   "repetition like (a+)+ backtracks exponentially); simplify it or narrow the "
+                   "path]")
+        return "\n".join(out)
     if not out:
         return f"no matches for {args['pattern']!r}"
     if more:

@@ -1,25 +1,21 @@
 """read_file{path, start_line?, end_line?}: a text file of the workspace, or a range of its lines.
 
-Safety: the path must resolve (symlinks followed) inside the workspace and not to a secret.
+Safety: the path must resolve (symlinks followed) inside the workspace, not to a secret, and
+to a regular file (never a FIFO or device).
 """
 
 from __future__ import annotations
 
 from ..safety import resolve
 from .base import Tool, ToolContext, ToolError
+from .files import read_bytes
 
 MAX_BYTES = 64 << 20
 
 
 def read_text(path, shown: str) -> str:
     """A file's text, exactly (line endings kept); binary or huge files are tool errors."""
-    if path.is_dir():
-        raise ToolError(f"{shown} is a directory; use list_files")
-    if not path.exists():
-        raise ToolError(f"{shown}: no such file")
-    if path.stat().st_size > MAX_BYTES:
-        raise ToolError(f"{shown} is larger than {MAX_BYTES >> 20} MB; use grep or shell")
-    data = path.read_bytes()
+    data = read_bytes(path, shown, MAX_BYTES)
     if b"\0" in data[:8192]:
         raise ToolError(f"{shown} is a binary file")
     try:

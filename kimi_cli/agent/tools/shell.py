@@ -1,25 +1,27 @@
 """shell{command, timeout?}: run a command with bash in the workspace, inside the sandbox.
 
-Safety: the hard-deny list (safety.check_command) first; stdin is closed, the output is capped,
-the whole process group is killed on timeout or Ctrl-C, and secret-looking environment
-variables are not passed on.
+Safety: the hard-deny list (safety.check_command) first; then a new session without the terminal
+(stdin /dev/null), an allow-listed environment, and every process it started killed when it ends.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
-import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections import deque
 
+from ... import config
 from ..safety import check_command
+from ..sandbox import Sandbox
 from .base import Tool, ToolContext, ToolError
 
-_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY",
-                         re.IGNORECASE)
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 class _Capture(threading.Thread):
@@ -63,43 +65,114 @@ class _Capture(threading.Thread):
                 "start_line=...) ...]\n" + tail_text)
 
 
-def _environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
+def environment(sandbox: Sandbox, source: dict[str, str] | None = None) -> dict[str, str]:
+    """What a command gets of kimi's environment: the allow-list, LC_*, and what --env names."""
+    source = os.environ if source is None else source
+    env = {k: v for k, v in source.items()
+           if k in config.AGENT_ENV_ALLOW or k.startswith("LC_")}
+    if sandbox.kind == "bubblewrap":
+        env["TMPDIR"] = "/tmp"  # the sandbox's own; the user's may not be visible inside
+    for spec in sandbox.env:
+        name, eq, value = spec.partition("=")
+        if eq:
+            env[name] = value
+        elif name in source:
+            env[name] = source[name]
     env.update(PAGER="cat", GIT_PAGER="cat", NO_COLOR="1", TERM="dumb")
     return env
 
 
-def _kill(proc: subprocess.Popen) -> None:
+@functools.lru_cache(maxsize=1)
+def _adopt_orphans() -> bool:
+    """Make this process the subreaper of its descendants (Linux): a command's daemons
+    (`setsid cmd &`) then become our children when their parent exits, and we can end them."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> set[int]:
+    """This process's children (Linux /proc); empty where it cannot be known."""
+    me, out = os.getpid(), set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            out.add(int(name))
+    return out
+
+
+def _kill(proc: subprocess.Popen, before: set[int]) -> None:
+    """End the command's process group, then every process it left behind that came to us
+    (children present `before` the call are not its own)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    if not _adopt_orphans():
+        return
+    for _ in range(1000):  # each kill hands us that process's children; a fork loop ends too
+        left = _children() - before
+        if not left:
+            return
+        for pid in left:
+            for kill, target in ((os.killpg, pid), (os.kill, pid)):
+                try:
+                    kill(target, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def run(args: dict, ctx: ToolContext) -> str:
     command = args["command"]
     timeout = args.get("timeout", ctx.shell_timeout)
     if not 0 < timeout <= ctx.shell_max_timeout:
-        raise ToolError(f"timeout must be between 0 and {ctx.shell_max_timeout:g} seconds")
+        raise ToolError(f"timeout must be between 0 and {ctx.shell_max_timeout:g} seconds (the "
+                        "user can raise the limit with --max-command-timeout)")
     bash = shutil.which("bash") or "/bin/sh"
     argv = ctx.sandbox.wrap([bash, "-c", command], ctx.workspace)
+    adopting = _adopt_orphans()
+    before = _children() if adopting else set()
+    env = environment(ctx.sandbox)
+    env["PWD"] = str(ctx.workspace)
+    # A new session has no controlling terminal: nothing can type into the user's (TIOCSTI) or
+    # read it; stdin is /dev/null and no other descriptor is inherited.
     proc = subprocess.Popen(argv, cwd=ctx.workspace, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_environment(), start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True, close_fds=True)
     capture = _Capture(proc.stdout, ctx.output_cap)
     capture.start()
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
+        _kill(proc, before)
         capture.join(5)
         raise ToolError(f"the command timed out after {timeout:g} s and was killed (pass a "
                         f"larger timeout if it needs longer). Its output so far:\n"
                         + capture.text(ctx.output_cap)) from None
     except BaseException:  # Ctrl-C: the command dies with the step, not after it
-        _kill(proc)
+        _kill(proc, before)
         raise
+    # What it started in the background ends with it (and lets go of the output pipe).
+    _kill(proc, before)
     capture.join(5)
     output = capture.text(ctx.output_cap)
     if output and not output.endswith("\n"):
@@ -118,8 +191,8 @@ def preview(args: dict, ctx: ToolContext) -> str:
 TOOL = Tool(
     name="shell",
     description="Run a shell command (bash) in the workspace directory and return its output "
-                "(stdout and stderr) and exit code. No stdin. Optional timeout in seconds "
-                "(default 120).",
+                "(stdout and stderr) and exit code. No stdin; background processes end with the "
+                f"command. Optional timeout in seconds (default {config.AGENT_SHELL_TIMEOUT:g}).",
     parameters={
         "type": "object",
         "properties": {

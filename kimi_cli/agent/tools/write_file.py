@@ -1,6 +1,7 @@
 """write_file{path, content}: create or overwrite a text file in the workspace.
 
-Safety: the path must resolve inside the workspace and not to a secret or a shell start-up file.
+Safety: the path must resolve inside the workspace and not to a secret, a shell start-up file
+or a non-regular file; the file is replaced (temp + rename), never written through a hard link.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 
 from ..safety import resolve
 from .base import Tool, ToolContext, ToolError
+from .files import read_bytes, replace
+from .read_file import MAX_BYTES
 
 MAX_DIFF_LINES = 400
 
@@ -17,8 +20,7 @@ MAX_DIFF_LINES = 400
 def current_text(path: Path) -> str:
     if not path.exists():
         return ""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.read()
+    return read_bytes(path, path.name, MAX_BYTES).decode("utf-8", errors="replace")
 
 
 def diff(shown: str, before: str, after: str) -> str:
@@ -31,10 +33,13 @@ def diff(shown: str, before: str, after: str) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
+def write(path: Path, text: str, shown: str) -> str:
+    """Replace the file; a note if it had other hard links (they keep the old content)."""
+    links = replace(path, text)
+    if links > 1:
+        return (f" (it had {links} hard links: the other names keep the old content; only "
+                f"{shown} has the new)")
+    return ""
 
 
 def run(args: dict, ctx: ToolContext) -> str:
@@ -42,10 +47,10 @@ def run(args: dict, ctx: ToolContext) -> str:
     if path.is_dir():
         raise ToolError(f"{args['path']} is a directory")
     existed = path.exists()
-    write(path, args["content"])
+    note = write(path, args["content"], args["path"])
     n = args["content"].count("\n") + (0 if args["content"].endswith("\n") else 1)
     verb = "overwrote" if existed else "created"
-    return f"{verb} {args['path']} ({n} lines, {len(args['content'].encode())} bytes)"
+    return f"{verb} {args['path']} ({n} lines, {len(args['content'].encode())} bytes){note}"
 
 
 def check(args: dict, ctx: ToolContext) -> None:

@@ -922,6 +922,7 @@ def serve(
                 raise UsageError(f"{name} must be at least 1")
         if not model_name.strip():
             raise UsageError("--model-name must not be empty")
+        _check_expert_cache(expert_cache)
         pinned = _read_profile(pin_experts) if pin_experts else None
         spec = resolve_model(model)
         from .engine import Engine
@@ -939,9 +940,12 @@ def serve(
             from .loader import load
 
             path = model_dir(spec, quiet=False)
+            notes: list[str] = []  # printed after the spinner, not through it
             with _loading(path, False):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned)
+                                pinned=pinned, log=notes.append)
+            for note in notes:
+                _err(note)
         if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
             _err(f"kimi: warning: listening on {host} without --api-key: anyone who can reach "
                  "this port can use the model")

@@ -35,7 +35,7 @@ SHELL_TOOL = {"type": "function", "function": {
     "name": "shell", "description": "Run a shell command.",
     "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
                    "required": ["command"]}}}
-LONG = " ".join(f"word{i}" for i in range(300))
+LONG = "<think>" + " ".join(f"word{i}" for i in range(300))  # a long reasoning
 
 
 @pytest.fixture(scope="module")
@@ -329,57 +329,82 @@ def test_assistant_reasoning_is_rendered_back_under_either_name(start):
 
 # -- server behaviour ---------------------------------------------------------------------
 
+def _open_stream(srv: ServeProcess, body: dict | None = None) -> tuple[socket.socket, object]:
+    """Send a chat request on a raw socket; return it and a reader past the status line."""
+    u = urllib.parse.urlsplit(srv.url)
+    data = json.dumps(body or {"model": "kimi-k2-thinking", "messages": user("go"),
+                               "stream": True})
+    sock = socket.create_connection((u.hostname, u.port), timeout=TIMEOUT)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                 f"{data}".encode())
+    reader = sock.makefile("rb")
+    return sock, reader
+
+
 def _stream_some(srv: ServeProcess, n_chunks: int) -> None:
     """Start a streaming chat request, read `n_chunks` events, then drop the connection."""
-    u = urllib.parse.urlsplit(srv.url)
-    body = json.dumps({"model": "kimi-k2-thinking", "messages": user("go"), "stream": True})
-    with socket.create_connection((u.hostname, u.port), timeout=TIMEOUT) as sock:
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                     f"{body}".encode())
-        reader = sock.makefile("rb")
+    sock, reader = _open_stream(srv)
+    with sock, reader:
         assert reader.readline().startswith(b"HTTP/1.1 200")
         seen = 0
         while seen < n_chunks:
             line = reader.readline()
-            if not line:
-                return  # the server closed the stream
+            assert line, "the server closed the stream"
             seen += line.startswith(b"data: ")
-        reader.close()
+
+
+def _stopped_after(srv: ServeProcess) -> int:
+    line = srv.wait_for_log(r"generation stopped after \d+ tokens")
+    return int(line.split("after ")[1].split()[0])
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation_and_the_server_goes_on(start):
     srv = start([LONG, ANSWER], rate=40)
-    _stream_some(srv, 6)
-    line = srv.wait_for_log(r"generation stopped after \d+ tokens")
-    stopped_after = int(line.split("after ")[1].split()[0])
-    assert stopped_after < 20  # of ~600: it stopped as soon as the client was seen gone
+    _stream_some(srv, 6)  # the role chunk and five reasoning deltas (one per token)
+    # Of ~600 tokens: the client's close is seen at the next token, the engine stops at the
+    # one after (a step is 25 ms here; a loaded machine may add a few).
+    assert _stopped_after(srv) < 15
     srv.wait_for_log(r"POST /v1/chat/completions 499 .*went away")
     r = client(srv).chat.completions.create(model="kimi-k2-thinking", messages=user("again"))
     assert r.choices[0].message.content == "9.9 is bigger."
 
 
-def test_a_full_queue_answers_503_and_queued_requests_are_not_lost(start):
+def test_a_client_leaving_a_whole_reply_request_stops_it_too(start):
+    srv = start([LONG, ANSWER], rate=40)
+    sock, reader = _open_stream(srv, {"messages": user("go")})  # not streamed: no writes
+    with sock, reader:
+        deadline = time.monotonic() + TIMEOUT
+        while not post(srv, "/health", b"", method="GET")[1]["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert _stopped_after(srv) < 60  # not the ~600 a finished reply would take
+    r = client(srv).chat.completions.create(model="kimi-k2-thinking", messages=user("again"))
+    assert r.choices[0].message.content == "9.9 is bigger."
+
+
+def test_a_full_queue_answers_503_and_the_queued_request_is_answered(start):
     srv = start([LONG, ANSWER], "--max-queue", "1", rate=40)
-    holder = threading.Thread(target=_stream_some, args=(srv, 1_000_000), daemon=True)
-    holder.start()  # runs LONG: the engine is busy
-    srv.wait_for_log(r"POST|serving")  # the server is up; wait until the first job runs
-    deadline = time.monotonic() + TIMEOUT
-    while post(srv, "/health", b"", method="GET")[1]["busy"] is False:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    queued: list = []
-    waiter = threading.Thread(target=lambda: queued.append(client(srv).chat.completions.create(
-        model="kimi-k2-thinking", messages=user("queued"))))
-    waiter.start()
-    while post(srv, "/health", b"", method="GET")[1]["waiting"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    with pytest.raises(openai.InternalServerError) as e:
-        client(srv).chat.completions.create(model="kimi-k2-thinking", messages=user("one more"))
-    assert e.value.status_code == 503 and "busy" in e.value.body["message"]
-    srv.stop()  # ends the holder's stream; the queued request is then answered or refused
+    holder, reader = _open_stream(srv)  # runs LONG: the engine is busy
+    with holder, reader:
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        queued: list = []
+        waiter = threading.Thread(target=lambda: queued.append(
+            client(srv).chat.completions.create(model="kimi-k2-thinking",
+                                                messages=user("queued"))))
+        waiter.start()
+        deadline = time.monotonic() + TIMEOUT
+        while post(srv, "/health", b"", method="GET")[1]["waiting"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(openai.InternalServerError) as e:
+            client(srv).chat.completions.create(model="kimi-k2-thinking",
+                                                messages=user("one more"))
+        assert e.value.status_code == 503 and "busy" in e.value.body["message"]
+        assert e.value.response.headers["Retry-After"] == "1"
+    # The holder left: the engine moves on to the waiting request, which gets its answer.
     waiter.join(TIMEOUT)
+    assert [r.choices[0].message.content for r in queued] == ["9.9 is bigger."]
 
 
 def test_the_api_key_is_required_on_every_request(start):
@@ -395,6 +420,18 @@ def test_the_api_key_is_required_on_every_request(start):
 def test_ctrl_c_stops_the_server_with_exit_130_and_no_traceback(start):
     srv = start([ANSWER])
     assert srv.stop() == 130
+    log = srv.log()
+    assert log.rstrip().endswith("kimi: interrupted") and "Traceback" not in log
+
+
+def test_ctrl_c_during_a_generation_also_exits_130_cleanly(start):
+    srv = start([LONG], rate=40)
+    sock, reader = _open_stream(srv)
+    with sock, reader:
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        lines = [reader.readline() for _ in range(12)]  # headers, then a few deltas
+        assert any(b"reasoning_content" in line for line in lines)  # the model is generating
+        assert srv.stop() == 130
     log = srv.log()
     assert log.rstrip().endswith("kimi: interrupted") and "Traceback" not in log
 
@@ -448,3 +485,31 @@ def test_a_checkpoint_reuses_its_kv_cache_across_chat_requests(ckpt_server):
     second = c.chat.completions.create(model="kimi-k2-thinking", messages=messages,
                                        max_tokens=4, temperature=0)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_greedy_chat_matches_kimi_run_token_for_token(ckpt_server, tiny_ckpt, env):
+    run = subprocess.run([*KIMI, "run", "--model", str(tiny_ckpt), "-t", "0", "-n", "12",
+                          "--system", "Be brief.", "--format", "json", "Hello there"], env=env,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    expected = json.loads(run.stdout)
+    r = client(ckpt_server).chat.completions.create(
+        model="kimi-k2-thinking", max_tokens=12, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, *user("Hello there")])
+    assert r.usage.prompt_tokens == len(expected["prompt_token_ids"])
+    assert r.usage.completion_tokens == len(expected["token_ids"])
+    msg = r.choices[0].message
+    reasoning = getattr(msg, "reasoning_content", None) or ""  # absent when there is none
+    assert (msg.content or "", reasoning) == (expected["text"], expected["reasoning"])
+
+
+@pytest.mark.parametrize("flags,env_extra,needle", [
+    (["--expert-cache", "lots"], {}, "--expert-cache"),
+    ([], {"KIMI_KERNELS": "cuda"}, "KIMI_KERNELS='cuda'"),
+])
+def test_serve_takes_the_loading_options_run_takes(tiny_ckpt, env, flags, env_extra, needle):
+    out = subprocess.run([*KIMI, "serve", "--model", str(tiny_ckpt), "--port", "0", *flags],
+                         env={**env, **env_extra}, capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("kimi: error:") and needle in out.stderr
+    assert len(out.stderr.splitlines()) == 1

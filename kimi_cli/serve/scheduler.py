@@ -42,14 +42,20 @@ class Job:
 
     def stream(self, client_gone: Callable[[], bool], poll: float = 0.05
                ) -> Iterator[Started | Token | Done]:
-        """The job's events until Done; cancels it (and stops) when the client goes away."""
+        """The job's events until Done; cancels it (and stops) when the client goes away.
+
+        The client is looked at after every event, not only while waiting: a fast engine
+        never leaves the queue empty, and a non-streamed reply writes nothing until the end.
+        """
         while True:
             try:
                 ev = self.events.get(timeout=poll)
             except queue.Empty:
-                if client_gone():
-                    self.cancel()
-                    return
+                ev = None
+            if client_gone():
+                self.cancel()
+                return
+            if ev is None:
                 continue
             if isinstance(ev, Failed):
                 raise ev.error

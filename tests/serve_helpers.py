@@ -28,6 +28,20 @@ SHELL_CALL = ("<think>I should list the files.</think><|tool_calls_section_begin
 CALL_IN_REASONING = ("<think>Let me look at the file first.<|tool_calls_section_begin|>"
                      "<|tool_call_begin|>functions.read_file:0<|tool_call_argument_begin|>"
                      '{"path": "notes.txt"}<|tool_call_end|><|tool_calls_section_end|>')
+# The same call after reasoning the model began without <think> and never closed.
+CALL_WITHOUT_THINK = ("Let me look at the file first.<|tool_calls_section_begin|>"
+                      "<|tool_call_begin|>functions.read_file:0<|tool_call_argument_begin|>"
+                      '{"path": "notes.txt"}<|tool_call_end|><|tool_calls_section_end|>')
+# The singular section markers, which are not special tokens: they arrive as plain text.
+CALL_SINGULAR_SECTION = ("<think>Let me look at the file first.</think>"
+                         "<|tool_call_section_begin|><|tool_call_begin|>functions.read_file:0"
+                         '<|tool_call_argument_begin|>{"path": "notes.txt"}<|tool_call_end|>'
+                         "<|tool_call_section_end|>")
+TWO_CALLS = ("<think>Both files.</think><|tool_calls_section_begin|>"
+             "<|tool_call_begin|>functions.read_file:0<|tool_call_argument_begin|>"
+             '{"path": "a.txt"}<|tool_call_end|>'
+             "<|tool_call_begin|>functions.read_file:1<|tool_call_argument_begin|>"
+             '{"path": "b.txt"}<|tool_call_end|><|tool_calls_section_end|>')
 AFTER_TOOL = "<think>The listing shows two files.</think>There are two files: a.txt and b.txt."
 
 

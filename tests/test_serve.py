@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -22,8 +23,11 @@ from serve_helpers import (
     AFTER_TOOL,
     ANSWER,
     CALL_IN_REASONING,
+    CALL_SINGULAR_SECTION,
+    CALL_WITHOUT_THINK,
     KIMI,
     SHELL_CALL,
+    TWO_CALLS,
     ServeProcess,
     script_file,
     serve_env,
@@ -195,9 +199,21 @@ def test_four_concurrent_clients_each_get_their_whole_answer(answers):
 
 
 def test_every_request_is_one_log_line_with_tokens_and_speed(answers):
+    def request_lines() -> list[str]:
+        return [line for line in answers.lines if line.startswith("kimi serve: ")]
+
+    time.sleep(0.3)  # earlier requests' lines are all in
+    before = len(request_lines())
     client(answers).chat.completions.create(model="kimi-k2-thinking", messages=user("log me"))
-    line = answers.wait_for_log(r"POST /v1/chat/completions 200 .*cached.*tok/s")
-    assert "prompt" in line and "generated" in line
+    client(answers).models.list()
+    deadline = time.monotonic() + TIMEOUT
+    while len(request_lines()) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # a stray extra line would show up by now
+    chat_line, models_line = request_lines()[before:]
+    assert "POST /v1/chat/completions 200" in chat_line and "GET /v1/models 200" in models_line
+    assert re.search(r"prompt \d+ tokens \(\d+ cached\), ttft [\d.]+ s \| \d+ generated, "
+                     r"[\d.]+ tok/s \| stop", chat_line)
     assert "Traceback" not in answers.log()
 
 
@@ -280,23 +296,66 @@ def test_a_tool_call_round_trip_reuses_the_whole_first_reply(start):
 
 
 def test_tool_call_arguments_stream_as_they_are_generated(start):
-    srv = start([CALL_IN_REASONING], "--reasoning-field", "both")
-    stream = client(srv).chat.completions.create(
-        model="kimi-k2-thinking", messages=user("Read my notes"), stream=True,
-        tools=[{"type": "function", "function": {"name": "read_file", "parameters": {}}}])
-    chunks = [ch for ch in stream if ch.choices]
-    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
-    first, rest = calls[0], calls[1:]
-    assert (first.index, first.id, first.function.name) == (0, "functions.read_file:0",
-                                                            "read_file")
-    assert len(rest) > 3 and all(tc.id is None and tc.index == 0 for tc in rest)
-    assert "".join(tc.function.arguments for tc in calls) == '{"path": "notes.txt"}'
-    deltas = [ch.choices[0].delta for ch in chunks]
-    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
-    assert reasoning == "".join(getattr(d, "reasoning", None) or "" for d in deltas)
-    assert reasoning == "Let me look at the file first."  # no marker leaks into it
-    assert all(not d.content for d in deltas)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # Three spellings of one call: inside the reasoning, after reasoning without <think>, and
+    # with the singular section markers. None leaks a marker into the reasoning or the answer.
+    srv = start([CALL_IN_REASONING, CALL_WITHOUT_THINK, CALL_SINGULAR_SECTION],
+                "--reasoning-field", "both")
+    for _ in range(3):
+        stream = client(srv).chat.completions.create(
+            model="kimi-k2-thinking", messages=user("Read my notes"), stream=True,
+            tools=[{"type": "function", "function": {"name": "read_file", "parameters": {}}}])
+        chunks = [ch for ch in stream if ch.choices]
+        calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+        first, rest = calls[0], calls[1:]
+        assert (first.index, first.id, first.function.name) == (0, "functions.read_file:0",
+                                                                "read_file")
+        assert len(rest) > 3 and all(tc.id is None and tc.index == 0 for tc in rest)
+        assert "".join(tc.function.arguments for tc in calls) == '{"path": "notes.txt"}'
+        deltas = [ch.choices[0].delta for ch in chunks]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        assert reasoning == "".join(getattr(d, "reasoning", None) or "" for d in deltas)
+        assert reasoning == "Let me look at the file first."
+        assert all(not d.content for d in deltas)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_two_calls_in_one_reply_stream_under_their_own_indexes(start):
+    srv = start([TWO_CALLS, TWO_CALLS])
+    c = client(srv)
+    stream = c.chat.completions.create(model="kimi-k2-thinking", messages=user("Read both"),
+                                       stream=True, tools=[SHELL_TOOL])
+    calls = [tc for ch in stream if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.id) for tc in calls if tc.id] == [(0, "functions.read_file:0"),
+                                                            (1, "functions.read_file:1")]
+    args = ["".join(tc.function.arguments for tc in calls if tc.index == i) for i in (0, 1)]
+    assert args == ['{"path": "a.txt"}', '{"path": "b.txt"}']
+    whole = c.chat.completions.create(model="kimi-k2-thinking", messages=user("Read both"),
+                                      tools=[SHELL_TOOL]).choices[0].message.tool_calls
+    assert [json.loads(tc.function.arguments)["path"] for tc in whole] == ["a.txt", "b.txt"]
+
+
+def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(answers):
+    c = client(answers)
+    with_tools = c.chat.completions.create(model="kimi-k2-thinking", messages=user("?"),
+                                           tools=[SHELL_TOOL]).usage.prompt_tokens
+    none = c.chat.completions.create(model="kimi-k2-thinking", messages=user("?"),
+                                     tools=[SHELL_TOOL], tool_choice="none").usage.prompt_tokens
+    plain = c.chat.completions.create(model="kimi-k2-thinking",
+                                      messages=user("?")).usage.prompt_tokens
+    assert none == plain < with_tools
+
+
+def test_content_parts_developer_role_and_template_kwargs_render_as_plain_text(answers):
+    c = client(answers)
+    plain = c.chat.completions.create(model="kimi-k2-thinking", messages=[
+        {"role": "system", "content": "Be brief."}, *user("Hello there")]).usage.prompt_tokens
+    parts = c.chat.completions.create(
+        model="kimi-k2-thinking", extra_body={"chat_template_kwargs": {"unused_flag": True}},
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Hello "},
+                                               {"type": "text", "text": "there"}]}])
+    assert parts.usage.prompt_tokens == plain
+    assert parts.usage.prompt_tokens_details.cached_tokens == plain - 1  # the same prompt
 
 
 def test_reasoning_field_reasoning_is_what_vllm_clients_read(start):

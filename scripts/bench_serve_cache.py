@@ -103,6 +103,10 @@ def server_ttft(lines: list[str], usage: dict) -> float:
     return float("nan")
 
 
+def stdev(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small", choices=("tiny", "small"))
@@ -138,9 +142,8 @@ def main() -> None:
         client = [g[0] * 1000 for g in got]
         server = [g[1] * 1000 for g in got]
         cached = statistics.mean(g[3] for g in got)
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         print(f"{kind:10} {cached:>14.0f} {statistics.mean(client):>10.1f} ± "
-              f"{sd(client):4.1f} ms {statistics.mean(server):>8.1f} ± {sd(server):4.1f} ms")
+              f"{stdev(client):.1f} ms {statistics.mean(server):>10.1f} ± {stdev(server):.1f} ms")
     speedup = statistics.mean(g[0] for g in rows["uncached"]) / statistics.mean(
         g[0] for g in rows["cached"])
     print(f"cached prefix: {speedup:.1f}x faster to the first token")

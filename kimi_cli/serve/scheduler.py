@@ -90,6 +90,9 @@ class Scheduler:
 
     def run_forever(self, stop: threading.Event | None = None) -> None:
         # A timeout on get() keeps Ctrl-C (delivered to this, the main, thread) prompt.
+        # Batched decoding replaces this loop and run_job, not the jobs: take queued jobs while
+        # the batch has room (add), step it, put each (job, Token | Done) on that job's queue,
+        # and cancel the rows whose job is cancelled. HTTP threads see the same events.
         while stop is None or not stop.is_set():
             try:
                 job = self._jobs.get(timeout=0.2)

@@ -60,12 +60,14 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def post(srv: ServeProcess, body: bytes | dict, key: str | None = "k3y") -> tuple[int, dict]:
+def post(srv: ServeProcess, body: bytes | dict, key: str | None = "k3y",
+         path: str = "/v1/messages", headers: dict | None = None) -> tuple[int, dict]:
     u = urllib.parse.urlsplit(srv.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=TIMEOUT)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", "/v1/messages", body=data, headers={
-        "Content-Type": "application/json", **({"x-api-key": key} if key else {})})
+    conn.request("POST", path, body=data, headers={
+        "Content-Type": "application/json", **({"x-api-key": key} if key else {}),
+        **(headers or {})})
     resp = conn.getresponse()
     status, payload = resp.status, json.loads(resp.read())
     conn.close()
@@ -211,3 +213,20 @@ def test_no_key_is_401_in_the_anthropic_shape(answers):
     status, payload = post(answers, {"model": MODEL, "max_tokens": 5, "messages": user("x")},
                            key=None)
     assert status == 401 and payload["error"]["type"] == "authentication_error"
+
+
+def test_a_claude_code_style_request_is_answered(answers):
+    # Claude Code posts to /v1/messages?beta=true with a bearer token, beta headers, cached
+    # system blocks, metadata and a thinking budget.
+    status, msg = post(answers, {
+        "model": MODEL, "max_tokens": 32000, "stream": False, "metadata": {"user_id": "u"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "system": [{"type": "text", "text": "You are Claude Code.",
+                    "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                   "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [SHELL_TOOL]}, key=None, path="/v1/messages?beta=true",
+        headers={"Authorization": "Bearer k3y", "anthropic-beta": "claude-code-20250219",
+                 "anthropic-version": "2023-06-01"})
+    assert status == 200, msg
+    assert [b["type"] for b in msg["content"]] == ["thinking", "text"]

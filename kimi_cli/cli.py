@@ -150,7 +150,7 @@ ApprovalOpt = Annotated[Approval | None, typer.Option(
 AllowNetworkOpt = Annotated[bool, typer.Option(
         "--allow-network", help="Agent: let sandboxed shell commands use the network.")]
 SandboxAllowOpt = Annotated[list[str] | None, typer.Option(
-        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: also show commands this path "
+        "--sandbox-allow", metavar="PATH[:ro|:rw]", help="Agent: let commands also see this path "
         "(read-only unless :rw), e.g. ~/.local:ro for tools installed there. Repeatable.")]
 EnvOpt = Annotated[list[str] | None, typer.Option(
         "--env", metavar="NAME[=VALUE]", help="Agent: pass this variable (kimi's value, or "
@@ -427,15 +427,42 @@ def _run_agent(mdl, tok, task: str, system: str | None, settings, fmt: Format,
     _warn_bypass(opts)
     terminal = sys.stdin.isatty() and sys.stderr.isatty()
     policy = Policy(Mode((opts["approval"] or Approval.ask).value),
-                    StreamApprover() if terminal else None)
+                    _typed_after_the_question(StreamApprover()) if terminal else None)
     agent = Agent(Engine(mdl, tok) if mdl is not None else None, opts["tools"], ctx, policy,
                   settings, cfg, tokenizer=tok)
     if print_prompt:
         agent.messages.append({"role": "user", "content": task})
         _print_prompt(tok.decode(agent.prompt_ids()))
         return
-    done = frontend.run(agent, task, fmt.value, quiet=quiet, think=think, color=color)
+    renderer, live = None, False
+    if fmt == Format.text:  # the agent draws on the chat UI's renderer; it does not know it
+        from .ui.events import ThinkMode
+        from .ui.render import LiveRenderer, make_renderer
+        from .ui.term import make_console
+
+        renderer = make_renderer(make_console(sys.stdout, color), make_console(sys.stderr, color),
+                                 think=ThinkMode(think), quiet=quiet)
+        live = isinstance(renderer, LiveRenderer)
+    import contextlib
+
+    from .ui.term import no_echo, wait_for_reader
+
+    # Keys typed while panels stream would be echoed into them and tear them: they wait.
+    with no_echo() if terminal else contextlib.nullcontext():
+        done = frontend.run(agent, task, fmt.value, renderer=renderer, live=live, quiet=quiet,
+                            settle=lambda: wait_for_reader(sys.stdout))
     frontend.check_done(done)
+
+
+def _typed_after_the_question(ask):
+    """The approval question reads a line typed after it appears (keys typed ahead are
+    dropped, so they cannot answer it), with echo and line editing on."""
+    from .ui.term import line_input
+
+    def approver(request):
+        with line_input():
+            return ask(request)
+    return approver
 
 
 def _warn_bypass(opts: dict) -> None:
@@ -446,6 +473,8 @@ def _warn_bypass(opts: dict) -> None:
 
 def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
               think: str, quiet: bool, color: Color = Color.auto) -> None:
+    import contextlib
+
     from .chat.parser import ReasoningDelta, TextDelta, ToolCall
     from .chat.reply import generate_reply
     from .engine import Engine, PrefillProgress
@@ -482,8 +511,12 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
 
     if renderer is not None:
         renderer.waiting("thinking…")
+    from .ui.term import is_tty, no_echo
+
     try:
-        reply = generate_reply(Engine(mdl, tok), tok, ids, settings, on_event, raw=raw)
+        # Keys typed on the terminal while panels stream would be echoed into them: they wait.
+        with no_echo() if renderer is not None and is_tty(sys.stdin) else contextlib.nullcontext():
+            reply = generate_reply(Engine(mdl, tok), tok, ids, settings, on_event, raw=raw)
     except BaseException:
         if renderer is not None:
             renderer.finish("error")
@@ -618,7 +651,7 @@ def convert(
         "--verify", help="Check an existing pack's checksums and exit.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Repack a checkpoint so each expert is one aligned block (needed to stream experts)."""
+    """Optional: repack a checkpoint so each expert is one aligned block (one read per miss)."""
     with _errors(debug):
         from .checkpoint.demo import DEMO_NAME
 
@@ -775,7 +808,7 @@ def _chat(session_ref, model, system, flags: dict, think, cont: bool, resume: bo
 
     from .engine import SamplingSettings
     from .sessions import Session, find_session, latest_session
-    from .ui.agent_turn import AgentMode
+    from .ui.agent_mode import AgentMode
     from .ui.events import ThinkMode
     from .ui.prefs import read_prefs
     from .ui.repl import ChatApp, make_reader, pick_session

@@ -14,7 +14,8 @@ PANELS = {
                    "seed"),
     "Expert cache": ("expert_cache", "no_prefetch", "pin_experts", "save_expert_profile"),
     "Agent": ("agent", "max_steps", "tools", "workspace", "approval", "allow_network",
-              "context_limit"),
+              "context_limit", "sandbox_allow", "env", "no_sandbox",
+              "dangerously_bypass_approvals_and_sandbox", "max_command_timeout"),
     "Output": ("fmt", "print_prompt", "think", "hide_reasoning", "quiet", "color"),
 }
 PANELED_COMMANDS = ("run", "chat")

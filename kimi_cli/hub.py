@@ -17,13 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urlparse
 
 from .errors import KimiError
-
-if TYPE_CHECKING:
-    from .download import Progress
 
 PARTIAL_SUFFIX = ".kimi-partial"
 RETRIES = 5  # consecutive failed attempts on one file (reset whenever bytes arrive)
@@ -31,6 +28,12 @@ RETRY_WAIT = 0.5  # seconds before the first retry; doubles, at most 8 s
 READ_TIMEOUT = 60.0
 # Checks a finished file against the Hub's size and hashes; returns a note for the progress line.
 Verify = Callable[[Path, "RemoteFile", "int | None"], str]
+
+
+class ProgressSink(Protocol):
+    """Where a fetch reports bytes (download.Progress): negative when a restart drops them."""
+
+    def advance(self, n: int) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +264,7 @@ class Target:
 # One file
 
 
-def fetch_file(target: Target, rf: RemoteFile, progress: Progress, cancel: threading.Event,
+def fetch_file(target: Target, rf: RemoteFile, progress: ProgressSink, cancel: threading.Event,
                verify: Verify) -> str:
     """Download one file into `target`, verified; returns a note for the progress line."""
     from huggingface_hub import hf_hub_download, hf_hub_url
@@ -298,7 +301,7 @@ def fetch_file(target: Target, rf: RemoteFile, progress: Progress, cancel: threa
 
 
 def _http_download(url: str, dest: Path, size: int | None, headers: dict,
-                   progress: Progress, cancel: threading.Event) -> None:
+                   progress: ProgressSink, cancel: threading.Event) -> None:
     """GET `url` into `dest`, resuming from its current length with Range requests."""
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
@@ -353,7 +356,7 @@ def _http_download(url: str, dest: Path, size: int | None, headers: dict,
                 raise KeyboardInterrupt from None
 
 
-def guarded_fetch(target: Target, rf: RemoteFile, progress: Progress, cancel: threading.Event,
+def guarded_fetch(target: Target, rf: RemoteFile, progress: ProgressSink, cancel: threading.Event,
                   repo: str, verify: Verify) -> str:
     from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, OfflineModeIsEnabled
 
@@ -368,7 +371,7 @@ def guarded_fetch(target: Target, rf: RemoteFile, progress: Progress, cancel: th
 class _HubBar:
     """A tqdm stand-in for huggingface_hub's Xet downloads: bytes written go to our Progress."""
 
-    progress: Progress | None = None
+    progress: ProgressSink | None = None
 
     def __init__(self, *args, **kwargs):
         self.total = kwargs.get("total")

@@ -63,7 +63,20 @@ def test_text_run_puts_the_answer_on_stdout_and_the_trace_on_stderr(tmp_path, en
     assert (ws / "hello.py").read_text() == "print('world')\n"
     assert "functions.shell:2" in r.stderr and "world" in r.stderr
     assert "\x1b[" not in r.stdout + r.stderr  # not a terminal: no colour, no cursor moves
-    assert "prefilled" in r.stderr.splitlines()[-1]
+    closing = r.stderr.splitlines()[-1]
+    assert re.fullmatch(r"\[agent: 4 steps · 3 tool calls · [\d,]+ prompt tokens, [\d,]+ "
+                        r"processed \([\d,]+ from the KV cache\) · [\d,]+ generated · "
+                        r"answered\]", closing), closing
+
+
+def test_the_closing_line_says_how_many_tool_calls_were_denied(tmp_path, env):
+    # No terminal to ask on, approval `ask`: the write, the edit and the command are denied.
+    spec = script(tmp_path / "s.json", WRITE_EDIT_RUN)
+    r = kimi("run", "--agent", "-w", str(tmp_path), "-m", spec, "task", env=env)
+    assert r.returncode == 0, r.stderr
+    closing = r.stderr.splitlines()[-1]
+    assert closing.startswith("[agent: 4 steps · 3 tool calls (3 denied) · "), closing
+    assert closing.endswith(" · answered]"), closing
 
 
 def test_without_a_terminal_writes_and_commands_are_denied_by_default(tmp_path, env):
@@ -214,3 +227,52 @@ def test_at_a_terminal_ask_mode_asks_and_remembers_a_command_prefix(tmp_path, en
     child.close()
     assert child.exitstatus == 0
     assert (ws / "a.txt").read_text() == "one\n"
+
+
+def test_the_closing_line_counts_denied_and_refused_calls_apart():
+    from collections import Counter
+
+    from kimi_cli.agent.frontend import closing_line
+    from kimi_cli.agent.loop import Totals
+
+    totals = Totals(steps=301, tool_calls=1200, prompt_tokens=123456, prefilled_tokens=2325,
+                    reused_tokens=121131, generated_tokens=9000).to_dict()
+    line = closing_line(ev.Done("max_steps", 301, "step limit", totals),
+                        Counter(denied=2, refused=1))
+    assert line == ("[agent: 301 steps · 1,200 tool calls (2 denied, 1 refused) · 123,456 prompt "
+                    "tokens, 2,325 processed (121,131 from the KV cache) · 9,000 generated · "
+                    "stopped at --max-steps]")
+    one = closing_line(ev.Done("answer", 1, "", Totals(steps=1, tool_calls=1).to_dict()))
+    assert one.startswith("[agent: 1 step · 1 tool call · ")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_keys_typed_while_panels_stream_neither_tear_them_nor_answer_the_next_question(
+        tmp_path, env):
+    from test_chat_pty import COLS, ROWS, Term, torn_panels
+
+    thinking = "\n".join(f"line {i} of the next thinking" for i in range(20))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    spec = script(tmp_path / "s.json", [
+        step(call("shell", 0, command="echo one"), reasoning="First a command."),
+        step(call("shell", 1, command="echo two"), reasoning=thinking),
+        answer("Both ran.", reasoning=thinking)])
+    t = Term(["run", "--agent", "-w", str(ws), "-m", spec + "@100", "run two commands"],
+             {**env, "TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)})
+    try:
+        t.wait_for("[y] yes")
+        t.send("y\r")  # y and Enter at once, as tmux send-keys "y" Enter types them
+        t.wait_for("line 3 of the next thinking")
+        t.send("y\r")  # typed while the reasoning streams: not echoed, not an answer
+        t.wait_for("[y] yes", count=2)
+        t.settle(0.5)
+        assert "functions.shell:1 approved" not in t.text(), t.capture()
+        t.send("y\r")
+        t.wait_for("Both ran.")
+        assert t.exit_status() == 0, t.capture()
+        screen = t.text()
+        assert torn_panels(screen) == [], t.capture()
+        assert screen.count("╭─ thinking") == 3 and screen.count("thought for") == 3, t.capture()
+    finally:
+        t.close()

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,9 @@ SNEAKY_APPEND = "import os; open(os.path.expanduser('~') + '/.bash' + 'rc', 'a')
 @pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
 def test_the_sandbox_shows_none_of_the_home_but_what_is_allowed(home, env, flags):
     r = agent(home, [
-        "cat ~/.cache/huggingface/token ~/.config/git/credentials ~/.bash_history; "
+        # Past the hard rules (they refuse these names): only the sandbox's empty home stops it.
+        "for f in .cache/hugging?ace/token .config/git/cred?ntials .bash_hist?ry; do "
+        "cat ~/$f; done; "
         f"python3 -c {SNEAKY_READ!r}",
         f"ls -A ~; python3 -c {SNEAKY_APPEND!r}; echo written",
         "python3 -c 'print(6*7)' && git --version >/dev/null && echo tools ok",
@@ -276,8 +279,11 @@ def test_the_timeout_a_model_may_ask_for_is_capped_and_the_user_can_raise_it(hom
 
 # 6. No host sockets, no agent forwarding; no workspace that holds the home's secrets.
 
-@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap, id="no-network"),
+                                   pytest.param([*SANDBOXED, "--allow-network"], marks=needs_bwrap,
+                                                id="network")])
 def test_host_unix_sockets_are_unreachable_from_the_sandbox(home, env, flags):
+    # With the host's network, abstract sockets (X11's, D-Bus's) would be: no AF_UNIX at all.
     path = home.parent / "agent.sock"  # outside the workspace, like ssh-agent's or docker's
     abstract = f"\0kimi-test-{os.getpid()}"
     servers = []
@@ -286,8 +292,9 @@ def test_host_unix_sockets_are_unreachable_from_the_sandbox(home, env, flags):
         s.bind(address)
         s.listen(1)
         servers.append(s)
-    probe = ("import socket, sys\nfor a in sys.argv[1:]:\n s = socket.socket(socket.AF_UNIX)\n"
-             " try:\n  s.connect(a.replace('@', chr(0)))\n  print('connected', a)\n"
+    probe = ("import socket, sys\nfor a in sys.argv[1:]:\n try:\n"
+             "  s = socket.socket(socket.AF_UNIX)\n  s.connect(a.replace('@', chr(0)))\n"
+             "  print('connected', a)\n"
              " except OSError as e:\n  print('refused', a, e.errno)\n")
     (home / "project/probe.py").write_text(probe)
     try:
@@ -418,3 +425,90 @@ def test_kv_caches_and_the_input_history_are_private(tmp_path, monkeypatch, tiny
     assert "hunter2" in history_path().read_text()
     assert stat.S_IMODE(history_path().stat().st_mode) == 0o600
     assert stat.S_IMODE(history_path().parent.stat().st_mode) == 0o700
+
+
+# Found red-teaming the fixes: as root a file the sandbox writes is root's outside it.
+
+SETUID_PROBES = [
+    "cp /bin/sh ./rootsh && chmod 4755 ./rootsh",
+    "install -m 6755 /bin/true ./suid-install",
+    "python3 -c \"import os; os.close(os.open('suid-open', os.O_CREAT | os.O_WRONLY, 0o4755))\"",
+    "python3 -c \"import os; os.mknod('suid-mknod', 0o104755)\"",
+    "touch suid-perl && perl -e 'chmod 02755, \"suid-perl\" or exit 1'",
+    "touch plain && chmod 755 plain && mkdir -p d/e && chmod g+w d && echo fine",
+]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_the_sandbox_cannot_plant_setuid_or_setgid_files_on_the_host(home, env, flags):
+    ws = home.parent / f"setuid-{time.monotonic_ns()}"
+    ws.mkdir()
+    out = results(agent(home, SETUID_PROBES, flags, env, ws=ws))
+    modes = {p.name: p.lstat().st_mode for p in ws.rglob("*")}
+    assert not [name for name, m in modes.items() if m & (stat.S_ISUID | stat.S_ISGID)], modes
+    assert "Operation not permitted" in out[0] and out[-1] == "fine\n[exit code 0]"
+    assert stat.S_IMODE(modes["plain"]) == 0o755  # ordinary modes still work
+
+
+def test_the_seccomp_filter_assembles_for_both_linux_architectures():
+    from kimi_cli.agent import seccomp
+
+    for machine in ("x86_64", "aarch64"):
+        prog = seccomp.program(machine)
+        assert len(prog) % 8 == 0 and 20 < len(prog) // 8 < 256  # jumps are 8-bit
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_the_sandbox_cannot_change_the_workspaces_git_or_envrc(home, env, flags, tmp_path):
+    # .git/config's core.fsmonitor would run on your next `git status`, outside the sandbox.
+    ws = tmp_path / "repo"
+    ws.mkdir()
+    git = ["git", "-C", str(ws)]
+    subprocess.run([*git, "init", "-q"], check=True, env=env)
+    (ws / ".envrc").write_text("export X=1\n")
+    config_before = (ws / ".git/config").read_text()
+    hook = f"touch {tmp_path}/pwned-fsmonitor"
+    r = agent(home, [
+        "python3 -c \"p = '.g' + 'it/con' + 'fig'; open(p, 'a').write('[core]\\n"
+        f"\\tfsmonitor = {hook}\\n')\"",
+        "python3 -c \"import os; os.rename('.g' + 'it', '.old')\"; echo rc=$?",
+        "python3 -c \"open('.en' + 'vrc', 'a').write('evil')\"; echo rc=$?",
+        "git status --short >/dev/null && echo git reads",
+    ], flags, env, ws=ws)
+    config, renamed, envrc, reads = results(r)
+    assert "Read-only file system" in config
+    assert "Device or resource busy" in renamed and "rc=0" not in renamed
+    assert "Read-only file system" in envrc and "rc=0" not in envrc
+    assert reads == "git reads\n[exit code 0]"
+    assert (ws / ".git/config").read_text() == config_before
+    assert (ws / ".envrc").read_text() == "export X=1\n" and not (ws / ".old").exists()
+    subprocess.run([*git, "status"], capture_output=True, env=env)  # you, later, outside
+    assert not (tmp_path / "pwned-fsmonitor").exists()
+    # An explicit grant reopens it.
+    (opened,) = results(agent(home, ["python3 -c \"open('.g' + 'it/config', 'a').write('#')\" "
+                                     "&& echo written"],
+                              [*flags, "--sandbox-allow", f"{ws}/.git:rw"], env, ws=ws))
+    assert opened == "written\n[exit code 0]"
+
+
+@pytest.mark.parametrize("flags", [pytest.param(SANDBOXED, marks=needs_bwrap)])
+def test_protected_files_the_sandbox_creates_are_renamed_away(home, env, flags, tmp_path):
+    # No .git yet (a workspace inside a bigger repo, or none): a new one with a hook would run
+    # on your next `git status` here; a new .envrc on your next `cd` (direnv).
+    ws = tmp_path / "plain"
+    ws.mkdir()
+    (ws / ".envrc.kimi-blocked").write_text("an older one\n")
+    hook = f"touch {tmp_path}/pwned-hook"
+    r = agent(home, [
+        "git init -q && python3 -c \"open('.g' + 'it/config', 'a').write('[core]\\n"
+        f"\\tfsmonitor = {hook}\\n')\"; ls -A",
+        "python3 -c \"open('.en' + 'vrc', 'w').write('touch pwned')\"",
+        "echo plain > notes.md",
+    ], flags, env, ws=ws)
+    init, envrc, plain = results(r)
+    assert "[kimi: the command created .git → .git.kimi-blocked:" in init
+    assert "created .envrc → .envrc.kimi-blocked-2:" in envrc and "[kimi:" not in plain
+    assert sorted(p.name for p in ws.iterdir()) == [
+        ".envrc.kimi-blocked", ".envrc.kimi-blocked-2", ".git.kimi-blocked", "notes.md"]
+    subprocess.run(["git", "-C", str(ws), "status"], capture_output=True, env=env)
+    assert not (tmp_path / "pwned-hook").exists()

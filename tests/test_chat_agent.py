@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 import test_chat_pty
 from agent_script import answer, call, make_agent, step
-from test_chat_pty import Term, script, session_lines, sessions
+from test_chat_pty import Term, script, session_lines, sessions, torn_panels
 from test_cli import kimi
 
 from kimi_cli.agent import events as ev
@@ -183,3 +183,26 @@ def test_a_turn_continues_the_history_with_running_call_ids_and_the_kv_cache(tok
 def test_agent_flags_need_agent_mode_in_chat(env):
     r = kimi("chat", "--max-steps", "5", "-m", "scripted:/nonexistent.json", env=env)
     assert r.returncode == 2 and r.stderr == "kimi: error: --max-steps needs --agent\n"
+
+
+def test_y_and_enter_typed_at_once_at_the_approval_leave_the_next_panels_whole(
+        tmp_path, env, term_factory):
+    # Typed in one write the moment the question shows (tmux send-keys "y" Enter), twice; the
+    # step after each approval streams more reasoning than the live region holds.
+    thinking = "\n".join(f"line {i} of the next thinking" for i in range(20))
+    outputs = [step(call("shell", 0, command="echo one"), reasoning="First a command."),
+               step(call("shell", 1, command="echo two"), reasoning=thinking),
+               answer("Both ran.", reasoning=thinking)]
+    t = start_chat(term_factory, env, tmp_path, outputs)
+    t.line("run two commands")
+    for n in (1, 2):
+        t.wait_for("[y] yes", count=n)
+        t.send("y\r")
+    t.wait_for("Both ran.")
+    t.prompt_ready(2)
+    screen = t.text()
+    assert torn_panels(screen) == [], t.capture()
+    assert screen.count("╭─ thinking") == 3 and screen.count("thought for") == 3, t.capture()
+    assert screen.count("line 19 of the next thinking") == 2, t.capture()
+    t.send("\x04")
+    assert t.exit_status() == 0, t.capture()

@@ -156,6 +156,22 @@ def session_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def torn_panels(screen: str) -> list[str]:
+    """Panels whose borders do not pair up: a top border with no bottom border before the next
+    top border, or a bottom border with no top one."""
+    torn, open_at = [], None
+    for n, line in enumerate(screen.splitlines()):
+        if line.startswith("╭"):
+            if open_at is not None:
+                torn.append(f"line {open_at}: top border without a bottom")
+            open_at = n
+        elif line.startswith("╰"):
+            if open_at is None:
+                torn.append(f"line {n}: bottom border without a top")
+            open_at = None
+    return torn
+
+
 def test_reasoning_and_answer_stream_in_separate_panels(tmp_path, env, term_factory):
     t = term_factory(["chat", "--model", script(tmp_path, [GREETING], rate=200)], env)
     t.prompt_ready(1)
@@ -313,3 +329,17 @@ def test_run_on_a_terminal_draws_the_panels(tmp_path, env, term_factory):
     assert "╭─ thinking" in screen and "╭─ Kimi" in screen, t.capture()
     assert REASONING in screen and "prompt tokens" in screen, t.capture()
 
+
+
+def test_keys_typed_while_run_streams_are_not_echoed_into_its_panels(tmp_path, env,
+                                                                     term_factory):
+    thinking = "\n".join(f"step {i} of the plan" for i in range(20))
+    output = f"<think>{thinking}</think>{ANSWER}<|im_end|>"
+    t = term_factory(["run", "--model", script(tmp_path, [output], rate=100), "hi"], env)
+    t.wait_for("step 3 of the plan")
+    t.send("typed ahead\r")
+    t.wait_for("Nice to meet you.")
+    assert t.exit_status() == 0, t.capture()
+    screen = t.text()
+    assert torn_panels(screen) == [] and "typed ahead" not in screen, t.capture()
+    assert screen.count("╭─ thinking") == 1 and "step 19 of the plan" in screen, t.capture()

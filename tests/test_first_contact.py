@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,6 +83,16 @@ def test_run_help_groups_options_into_panels_in_workflow_order(env):
     assert panels == ["Arguments", "Options", "Generation", "Expert cache", "Agent", "Output"]
     generation = r.stdout.split("Generation")[1].split("╰")[0]
     assert all(flag in generation for flag in SAMPLING)
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_every_agent_flag_is_in_the_agent_panel(env, command):
+    r = kimi(command, "--help", env=env)
+    panels = dict(re.findall(r"╭─ ([\w ]+?) ─+╮\n(.*?)╰", r.stdout, re.S))
+    outside = [line for name, body in panels.items() if name != "Agent"
+               for line in body.splitlines() if "Agent:" in line]
+    assert outside == []
+    assert "--sandbox-allow" in panels["Agent"] and "--max-command-timeout" in panels["Agent"]
 
 
 @pytest.mark.parametrize("command", ["run", "chat"])
@@ -215,27 +224,29 @@ def test_a_one_token_generation_has_no_decode_rate(env, tiny_ckpt):
 
 
 def _interrupted_run(env, tmp_path: Path, fmt: str) -> tuple[int, str]:
-    """A slow scripted generation, Ctrl-C well inside it. The script is a FIFO, so the run
-    cannot be interrupted before it has loaded its model: it blocks opening it until then."""
-    fifo = tmp_path / "script.json"
-    os.mkfifo(fifo)
-    output = "<think>a plan</think>" + "word " * 400
-    proc = subprocess.Popen([*KIMI, "run", "-m", f"scripted:{fifo}@40", "-f", fmt, "hi"],
+    """A slow scripted generation, Ctrl-C well inside it: with jsonl once the first text event
+    is out; with json (nothing streams) after a while, the script being long enough for it."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(["<think>a plan</think>" + "word " * 1000]))
+    proc = subprocess.Popen([*KIMI, "run", "-m", f"scripted:{script}@40", "-f", fmt, "hi"],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
     try:
-        writer = threading.Thread(target=lambda: fifo.write_text(json.dumps([output])))
-        writer.start()
-        writer.join(60)
-        assert not writer.is_alive(), "the run never opened its script"
-        time.sleep(1.5)  # the model is loaded: now well inside 10 s of generation
+        if fmt == "jsonl":
+            for line in proc.stdout:
+                lines.append(line)
+                if '"type": "text"' in line:
+                    break
+        else:
+            time.sleep(5)  # start-up takes 1-3 s on a loaded machine; the script lasts 25 s
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode, out
+    return proc.returncode, "".join(lines) + out
 
 
 def test_ctrl_c_with_json_still_prints_the_document(env, tmp_path):
@@ -252,3 +263,30 @@ def test_ctrl_c_with_jsonl_ends_with_an_interrupted_done_event(env, tmp_path):
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1] == {"type": "done", "finish_reason": "interrupted"}
     assert any(e["type"] == "text" for e in events)
+
+
+def test_convert_takes_demo_as_every_other_command_does(env, tmp_path):
+    r = kimi("convert", "demo", str(tmp_path / "pack"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{tmp_path / 'pack'}\n"
+    assert kimi("convert", "--verify", str(tmp_path / "pack"), env=env).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped scripted demo
+
+
+def test_the_shipped_scripted_demo_reasons_calls_a_tool_and_answers(env, tmp_path):
+    demo = Path(__file__).parent.parent / "examples" / "scripted-demo.json"
+    (tmp_path / "notes.md").write_text("# notes\n")
+    r = kimi("run", "--agent", "-w", str(tmp_path), "--model", f"scripted:{demo}",
+             "--format", "json", "What is this project?", env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["finish_reason"] == "answer" and doc["steps"] == 2
+    [listing] = doc["tool_calls"]
+    assert listing["name"] == "list_files" and listing["decision"] == "allowed"
+    assert listing["ok"] is True and "notes.md" in listing["content"]
+    assert doc["reasoning"] and "scripted" in doc["text"]
+    first = next(m for m in doc["messages"] if m.get("tool_calls"))
+    assert first["reasoning_content"].startswith("The user asks what this project is.")

@@ -122,9 +122,30 @@ def test_jsonl_events_carry_the_documented_fields(runs):
 def test_chat_reads_lines_from_a_pipe_and_saves_the_session(env):
     r = kimi("chat", "--think", "hide", input="first\n/set temperature 0.3\nsecond\n", env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"{ANSWER}\n{ANSWER}\n", "only the answers on stdout"
+    assert r.stdout == f"{ANSWER}\n\n{ANSWER}\n", "only the answers, an empty line between"
     assert "temperature = 0.3" in r.stderr and "prompt tok" in r.stderr
     assert REASONING not in r.stderr + r.stdout
     sessions = list((Path(env["XDG_STATE_HOME"]) / "kimi-mlx" / "sessions").glob("*.jsonl"))
     assert len(sessions) == 1
 
+
+
+def test_piped_chat_shows_no_key_hints_and_sets_agent_answers_apart(env, tmp_path):
+    # Keys are not read from a terminal here: Alt-Enter, Ctrl-C and Ctrl-D hints mean nothing.
+    script = tmp_path / "agent.json"
+    script.write_text(json.dumps([
+        OUTPUT,
+        "<think>List, then write.</think><|tool_calls_section_begin|><|tool_call_begin|>"
+        "functions.list_files:0<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_call_begin|>"
+        'functions.write_file:1<|tool_call_argument_begin|>{"path": "x.txt", "content": "x"}'
+        "<|tool_call_end|><|tool_calls_section_end|><|im_end|>",
+        f"<think>Seen.</think>{ANSWER}<|im_end|>"]))
+    r = kimi("chat", "--agent", "-w", str(tmp_path), "-m", f"scripted:{script}",
+             input="first\nsecond\n", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{ANSWER}\n\n{ANSWER}\n"
+    assert "Alt-Enter" not in r.stderr and "Ctrl-" not in r.stderr, r.stderr
+    assert "kimi chat · " in r.stderr.splitlines()[0]  # the banner still says what runs
+    # No terminal to ask on: the write is denied, and the status line says so.
+    assert "agent: 2 steps, 2 tool calls, 1 denied" in r.stderr, r.stderr
+    assert not (tmp_path / "x.txt").exists()

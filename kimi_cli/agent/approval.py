@@ -6,14 +6,17 @@ Only the user's replies change approval state; tool output never does.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import IO
 
 from .escape import visible
-from .risk import prefix, read_only
+from .risk import inside, prefix, read_only
 from .shellparse import Unparsable, split_command
 
 
@@ -90,6 +93,7 @@ class Policy:
     prefixes: set[tuple[str, ...]] = field(default_factory=set)  # of read-only commands
     commands: set[str] = field(default_factory=set)  # exact commands approved for the session
     edits_approved: bool = False  # "for this session" on a file edit
+    workspace: Path | None = None  # where session-approved commands must stay (the Agent's)
 
     def decide(self, request: Request, command: str | None = None) -> Decision:
         if request.protected and request.kind != "read":
@@ -138,12 +142,45 @@ class Policy:
             return False
         if not segments:
             return False
+        cwd = self.workspace
         for seg in segments:
             if not read_only(seg):
                 return False
+            if cwd is not None and not inside(seg, cwd, self.workspace):
+                return False
             if not any(tuple(seg.words[:len(p)]) == p for p in self.prefixes):
                 return False
+            if cwd is not None and seg.words[0] == "cd":
+                cwd = Path(os.path.realpath(cwd / seg.words[1]))
         return True
+
+
+# Before a question on a terminal: undo what model text printed raw earlier may have set up to
+# hide or mangle it: a scroll region (the cursor kept), no autowrap, insert mode, a hidden
+# cursor, another character set, attributes, colours and palette. (Not the alternate screen or
+# origin mode: leaving them moves the cursor, and the question would overwrite the screen.)
+TERMINAL_SANE = ("\x0f\x1b(B\x1b[0m\x1b[4l\x1b[?7h\x1b[?25h\x1b7\x1b[r\x1b8"
+                 "\x1b]104\x07\x1b]110\x07\x1b]111\x07")
+TALL_PREVIEW = 12  # lines: more, and the start of the command may have scrolled away
+_PADDING = re.compile(r"[ \t]{16,}")
+
+
+def shown_preview(preview: str) -> list[str]:
+    """A command's preview as shown: escapes visible, long runs of blanks and of empty lines
+    counted instead of drawn, so padding cannot push the real command off the screen."""
+    out: list[str] = []
+    empty = 0
+    for line in [*preview.splitlines(), "\x00end"]:
+        if not line.strip() and line != "\x00end":
+            empty += 1
+            continue
+        if empty:
+            out += [""] * empty if empty <= 2 else [f"[... {empty} empty lines ...]"]
+            empty = 0
+        if line != "\x00end":
+            out.append(_PADDING.sub(lambda m: f"[... {len(m.group(0))} blanks ...]",
+                                    visible(line)))
+    return out
 
 
 class StreamApprover:
@@ -156,11 +193,18 @@ class StreamApprover:
     def __call__(self, request: Request) -> Reply:
         out = self.output
         what = "run a command" if request.kind == "exec" else "change a file"
+        if getattr(out, "isatty", lambda: False)():
+            out.write(TERMINAL_SANE)
         # Everything shown here may come from the model: control characters are made visible.
         out.write(f"\nkimi: the agent wants to {what} ({visible(request.tool)}, "
                   f"{visible(request.call_id)}):\n")
-        out.write("".join("    " + visible(line) + "\n"
-                          for line in request.preview.splitlines()))
+        shown = shown_preview(request.preview) if request.kind == "exec" else \
+            [visible(line) for line in request.preview.splitlines()]
+        out.write("".join("    " + line + "\n" for line in shown))
+        if request.kind == "exec" and len(shown) > TALL_PREVIEW:
+            start = (request.title.strip().splitlines() or [""])[0][:60]
+            out.write(f"  ^ the command above is {len(request.title.splitlines())} lines: read "
+                      f"all of it; it starts `{visible(start)}`\n")
         if request.protected:
             out.write(f"  protected: {visible(request.protected)}; this answer covers this "
                       "call only\n")

@@ -1,4 +1,4 @@
-"""`kimi run --agent`'s front end: agent events to the terminal renderer (text), one JSON
+"""`kimi run --agent`'s front end: agent events to a renderer the caller gives (text), one JSON
 document (json) or one event per line (jsonl); how the run ended becomes the exit code.
 """
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import IO
 
@@ -40,15 +41,18 @@ def check_done(done: ev.Done) -> None:
         raise AgentStopped(done.message + HINTS[done.reason], EXIT_CODES[done.reason])
 
 
-def run(agent: Agent, task: str, fmt: str, *, quiet: bool = False, think: str = "show",
-        color: str = "auto", out: IO | None = None, err: IO | None = None) -> ev.Done:
+def run(agent: Agent, task: str, fmt: str, *, renderer=None, live: bool = False,
+        quiet: bool = False, out: IO | None = None,
+        settle: Callable[[], None] | None = None) -> ev.Done:
+    """Run `task`: for `text`, drawn on `renderer` (the caller's: the agent does not know the
+    terminal; `live` as for `show`), `settle` called before the closing line; for `json` and
+    `jsonl`, written to `out`."""
     out = out or sys.stdout
-    err = err or sys.stderr
     if fmt == "jsonl":
         return _jsonl(agent, task, out)
     if fmt == "json":
         return _json(agent, task, out)
-    return _text(agent, task, out, err, quiet, think, color)
+    return _text(agent, task, renderer, live, quiet, settle)
 
 
 def _jsonl(agent: Agent, task: str, out: IO) -> ev.Done:
@@ -96,15 +100,8 @@ def _json(agent: Agent, task: str, out: IO) -> ev.Done:
     return done
 
 
-def _text(agent: Agent, task: str, out: IO, err: IO, quiet: bool, think: str,
-          color: str) -> ev.Done:
-    from ..ui.events import ThinkMode
-    from ..ui.render import LiveRenderer, make_renderer
-    from ..ui.term import make_console
-
-    r = make_renderer(make_console(out, color), make_console(err, color), think=ThinkMode(think),
-                      quiet=quiet)
-    live = isinstance(r, LiveRenderer)
+def _text(agent: Agent, task: str, r, live: bool, quiet: bool,
+          settle: Callable[[], None] | None) -> ev.Done:
     base = agent.policy.approver
     if base is not None:
         def ask(request):
@@ -112,20 +109,46 @@ def _text(agent: Agent, task: str, out: IO, err: IO, quiet: bool, think: str,
             return base(request)
         agent.policy.approver = ask
 
+    refusals: Counter[str] = Counter()
+
     def announce(e: ev.Event) -> None:
         if isinstance(e, ev.Started):
             r.note(f"kimi: agent in {e.workspace} · approval: {e.approval} · "
                    f"shell sandbox: {e.sandbox}")
+        elif isinstance(e, ev.Approval) and e.decision != "allowed":
+            refusals[e.decision] += 1
 
     done = show(agent, task, r, live=live, on_event=announce)
     r.finish("stop" if done.reason == "answer" else done.reason)
     if not quiet:
-        t = done.totals
-        r.note(f"[{done.steps} steps, {t['tool_calls']} tool calls | prefilled "
-               f"{t['prefilled_tokens']} of {t['prompt_tokens']} prompt tokens "
-               f"({t['prefill_ratio']:.2f}× the {t['added_tokens']} new) | "
-               f"{t['generated_tokens']} generated | {done.reason}]")
+        if settle is not None:
+            settle()
+        r.note(closing_line(done, refusals))
     return done
+
+
+def closing_line(done: ev.Done, refusals: Counter[str] | None = None) -> str:
+    """How the run went, in words: steps, tool calls (how many were denied or refused by the
+    safety rules), tokens, and how it ended."""
+    t = done.totals
+    refusals = refusals or Counter()
+    held = ", ".join(f"{n} {what}" for what, n in sorted(refusals.items()) if n)
+    parts = [_count(done.steps, "step"),
+             _count(t["tool_calls"], "tool call") + (f" ({held})" if held else ""),
+             f"{t['prompt_tokens']:,} prompt tokens, {t['prefilled_tokens']:,} processed "
+             f"({t['reused_tokens']:,} from the KV cache)",
+             f"{t['generated_tokens']:,} generated",
+             REASONS.get(done.reason, done.reason)]
+    return "[agent: " + " · ".join(parts) + "]"
+
+
+REASONS = {"answer": "answered", "max_steps": "stopped at --max-steps",
+           "repeated_calls": "stopped: repeated calls", "context_full": "stopped: context full",
+           "interrupted": "interrupted"}
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'s' * (n != 1)}"
 
 
 def show(agent: Agent, task: str, r, *, live: bool,

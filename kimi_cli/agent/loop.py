@@ -74,6 +74,8 @@ class Agent:
         self.schemas = [t.schema() for t in tools] or None
         self.ctx = ctx
         self.policy = policy
+        if policy.workspace is None:  # session approvals hold only inside it
+            policy.workspace = ctx.workspace
         self.settings = settings or SamplingSettings()
         self.cfg = cfg or AgentConfig()
         self.messages: list[dict] = [{"role": "system", "content": self.cfg.system_prompt

@@ -6,8 +6,10 @@ and the arguments known to only read; everything else is approved by exact comma
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from .shellparse import Segment
 
@@ -25,7 +27,10 @@ def _no_args(*bad: str) -> Callable[[list[str]], bool]:
         for a in args:
             if a == "--":
                 return True
-            if long_opts and a.startswith(long_opts):
+            # GNU getopt and git take any unambiguous abbreviation: `--outp=F` is `--output=F`.
+            name = a.split("=", 1)[0]
+            if a.startswith("--") and len(name) > 2 and any(b.startswith(name) or
+                                                            a.startswith(b) for b in long_opts):
                 return False
             if short and re.fullmatch(rf"-[A-Za-z0-9]*[{short}][A-Za-z0-9]*.*", a) \
                     and not a.startswith("--"):
@@ -117,10 +122,10 @@ RULES: dict[str, Callable[[list[str]], bool]] = {
     "cd": lambda args: len(args) == 1 and args[0] != "-",  # bare `cd` goes home
     "date": _no_args("-s", "--set"),
     "file": _no_args("-C", "--compile"),
-    "sort": _no_args("-o", "--output", "--compress-program"),
+    "sort": _no_args("-o", "--output", "--compress-program", "--files0-from"),
     "uniq": _one_file,
     "tree": _no_args("-o"),
-    "rg": _no_args("--pre", "--pre-glob", "-z", "--search-zip"),
+    "rg": _no_args("--pre", "--pre-glob", "-z", "--search-zip", "--hostname-bin"),
     "find": _find,
     "sed": _sed,
     "awk": _awk, "gawk": _awk, "mawk": _awk,
@@ -152,3 +157,15 @@ def read_only(seg: Segment) -> bool:
     if rule is None or any(_OUTSIDE.search(a) for a in args):
         return False
     return rule(args)
+
+
+def inside(seg: Segment, cwd: Path, workspace: Path) -> bool:
+    """Every word of `seg` read as a path from `cwd` stays in `workspace` once symlinks are
+    followed: `cat docs/x` is not a read-only use when docs links to / (a cloned repo's link)."""
+    for word in seg.words[1:] + [t for _, t in seg.redirects if not t.startswith("&")]:
+        for part in {word, word.split("=", 1)[-1]}:
+            if part and not part.startswith("-"):
+                real = os.path.realpath(cwd / part)
+                if real != str(workspace) and not real.startswith(str(workspace) + os.sep):
+                    return False
+    return True

@@ -30,6 +30,10 @@ SECRETS = (
     ".password-store", ".vault-token", ".cargo/credentials", ".cargo/credentials.toml",
     ".gem/credentials", ".terraform.d/credentials.tfrc.json", ".local/share/keyrings",
     "Library/Keychains",
+    # Our own download token, git's credential store, and histories that hold typed passwords.
+    ".cache/huggingface/token", ".huggingface/token", ".config/git/credentials",
+    ".bash_history", ".zsh_history", ".python_history", ".psql_history", ".mysql_history",
+    ".sqlite_history", ".node_repl_history",
 )
 SYSTEM_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d")
 # Shell start-up files: writing them plants commands in every future shell.
@@ -46,16 +50,28 @@ CREDENTIAL_COMMANDS = {("security", "find-generic-password"), ("security", "find
                        ("security", "dump-keychain"), ("secret-tool", "lookup"), ("pass", "show")}
 # Wrappers whose first non-option argument is the program that actually runs.
 _WRAPPERS = {"sudo", "doas", "command", "builtin", "exec", "nice", "nohup", "time", "env",
-             "xargs", "stdbuf", "timeout"}
+             "xargs", "stdbuf", "timeout", "ionice", "setsid", "chrt", "taskset", "busybox",
+             "toybox", "flock", "unshare", "nsenter", "chroot", "strace", "ltrace", "unbuffer",
+             "caffeinate", "firejail", "systemd-run", "runuser", "su", "sg", "pkexec", "numactl",
+             "prlimit", "faketime", "torsocks", "proxychains", "proxychains4", "fakeroot",
+             "eatmydata", "valgrind", "catchsegv", "dbus-run-session", "xvfb-run", "watch",
+             "script", "parallel", "setpriv", "sshpass", "cgexec", "chpst", "tini", "dumb-init"}
+# Of those, the ones that run a command string: `su -c STR`, `script -qc STR`, `watch STR...`.
+_SHELLS = {"bash", "sh", "zsh", "dash", "ksh", "mksh", "ash", "yash", "rbash", "fish", "csh",
+           "tcsh", "eval"}
+_STRING_WRAPPERS = {"su", "runuser", "script", "flock", "sg", "watch", "sudo", "doas"}
 # Harmless write targets outside the workspace.
 _DEVICES = ("/dev/null", "/dev/stdout", "/dev/stderr", "/dev/tty", "/dev/fd/")
 # Workspace files that run code with nobody running a command of the project: git's config,
 # hooks and attributes (on `git status`), direnv's (on `cd`), editors' tasks and settings (on
-# opening the folder), pre-commit's and husky's hooks, shell start-up files. Changing them
+# opening the folder), pre-commit's, husky's, mercurial's and other agents' hooks, mise's (on
+# `cd`), shell start-up files. Changing them
 # always asks, in every mode, and is refused without a terminal. Makefiles, package.json,
 # conftest.py and the like are not here: they run only when someone runs the project's tools.
-PROTECTED_DIRS = (".git", ".vscode", ".idea", ".devcontainer", ".husky")
+PROTECTED_DIRS = (".git", ".hg", ".vscode", ".idea", ".devcontainer", ".husky", ".claude",
+                  ".codex")
 PROTECTED_NAMES = (".envrc", ".env", ".gitattributes", ".gitmodules", ".pre-commit-config.yaml",
+                   ".mise.toml", "mise.toml",
                    *(name for name in STARTUP_FILES if "/" not in name))
 
 
@@ -108,9 +124,12 @@ def workspace_protected(path: Path, workspace: Path) -> str | None:
     """Why writing `path` (resolved, in the workspace) always needs the user's yes, or None."""
     if not _within(path, workspace) or path == workspace:
         return None
+    # Casefolded: on macOS's (and Windows') file systems `.GIT/config` is `.git/config`.
     parts = path.relative_to(workspace).parts
-    hit = next((p for p in parts[:-1] if p in PROTECTED_DIRS), None) or (
-        parts[-1] if parts[-1] in PROTECTED_DIRS + PROTECTED_NAMES else None)
+    dirs = {d.casefold() for d in PROTECTED_DIRS}
+    names = dirs | {n.casefold() for n in PROTECTED_NAMES}
+    hit = next((p for p in parts[:-1] if p.casefold() in dirs), None) or (
+        parts[-1] if parts[-1].casefold() in names else None)
     if hit is None:
         return None
     return f"{path.relative_to(workspace)} is protected: {hit} can run code outside any approval"
@@ -180,15 +199,15 @@ def command_protected(command: str, workspace: Path) -> str | None:
         segments = []
     cwd: Path | None = workspace
     for seg in segments:
-        words = _program(_brace_words(seg))
-        name = os.path.basename(words[0]) if words else ""
-        if name == "git" and _git_writes_config(words[1:]):
-            return "`git config` and `git -c` change what git runs: protected"
-        for target in seg.writes() + _writer_targets(name, words):
-            p = _expand(target, cwd)
-            why = p is not None and workspace_protected(p, workspace)
-            if why:
-                return why
+        for words in _programs(_brace_words(seg)) or [[]]:
+            name = os.path.basename(words[0]) if words else ""
+            if name == "git" and _git_writes_config(words[1:]):
+                return "`git config` and `git -c` change what git runs: protected"
+            for target in seg.writes() + _writer_targets(name, words):
+                p = _expand(target, cwd)
+                why = p is not None and workspace_protected(p, workspace)
+                if why:
+                    return why
         if seg.words and seg.words[0] in ("cd", "pushd"):
             cwd = _cd(seg.words[1:], cwd)
     m = _MENTION.search(command)
@@ -196,7 +215,8 @@ def command_protected(command: str, workspace: Path) -> str | None:
 
 
 _MENTION = re.compile(r"(^|[\s/'\"=<>;|&(`])(" + "|".join(
-    re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)`]|$)")
+    re.escape(n) for n in PROTECTED_DIRS + PROTECTED_NAMES) + r")(/|[\s'\";|&)`]|$)",
+    re.IGNORECASE)
 
 
 def _git_writes_config(args: list[str]) -> bool:
@@ -361,15 +381,53 @@ def _program(words: list[str]) -> list[str]:
     return []
 
 
+def _programs(words: list[str]) -> list[list[str]]:
+    """Every reading of `words` as PROGRAM ARGS: past the assignments and wrappers, and, as a
+    wrapper's options may take values (`sudo -u root`, `flock FILE`, `exec -a NAME`), from each
+    word after a wrapper too."""
+    first = _program(words)
+    out = [first] if first else []
+    wrapped = False
+    for i, w in enumerate(words):
+        wrapped |= os.path.basename(w) in _WRAPPERS
+        if wrapped and words[i:] != first:
+            out.append(words[i:])
+    return out
+
+
+def _wrapped_string(name: str, args: list[str]) -> str | None:
+    """The command string `su -c STR`, `script -qc STR`, `flock F -c STR`, `watch STR`,
+    `sudo -i STR` run."""
+    if name == "watch" or (name in ("sudo", "doas") and any(
+            re.fullmatch(r"-[A-Za-z]*[is][A-Za-z]*|--login|--shell", a) for a in args)):
+        # watch and `sudo -i|-s` join their arguments into a command string for a shell.
+        rest = list(itertools.dropwhile(lambda a: a.startswith("-") or a.isdigit(), args))
+        return " ".join(rest) or None
+    for i, a in enumerate(args):
+        if a.startswith("--command="):
+            return a.split("=", 1)[1]
+        if (a == "--command" or re.fullmatch(r"-[A-Za-z]*c", a)) and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
 def _check_segment(seg: Segment, cwd: Path | None, workspace: Path) -> None:
     all_words = _brace_words(seg)
-    words = _program(all_words)
-    name = os.path.basename(words[0]) if words else ""
     for word in all_words + [t for _, t in seg.redirects]:
         _check_mention(word, cwd)
+    for words in _programs(all_words) or [[]]:
+        _check_program(seg, words, cwd, workspace)
+
+
+def _check_program(seg: Segment, words: list[str], cwd: Path | None, workspace: Path) -> None:
+    name = os.path.basename(words[0]) if words else ""
+    if name in _STRING_WRAPPERS:
+        inner = _wrapped_string(name, words[1:])
+        if inner:
+            _check_command(inner, cwd, workspace)
     if tuple(words[:2]) in CREDENTIAL_COMMANDS:
         raise Refused(f"`{' '.join(words[:2])}` reads a credential store")
-    if name in ("bash", "sh", "zsh", "dash", "ksh", "eval") and len(words) > 1:
+    if name in _SHELLS and len(words) > 1:
         inner = _shell_command(words[1:]) if name != "eval" else " ".join(words[1:])
         if inner:
             _check_command(inner, cwd, workspace)

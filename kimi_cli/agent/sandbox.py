@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config
-from .safety import SECRETS, STARTUP_FILES, homes
+from .safety import PROTECTED_DIRS, PROTECTED_NAMES, SECRETS, STARTUP_FILES, homes
 
 BWRAP_INSTALL = "install bubblewrap (`apt install bubblewrap` or `dnf install bubblewrap`)"
 # The uid commands have inside the Linux sandbox when kimi runs as root: nobody.
@@ -51,10 +51,11 @@ class Sandbox:
         extra = f", {len(self.grants)} allowed path(s)" if self.grants else ""
         return f"{self.kind} (sees only the workspace and the system, {net}{extra})"
 
-    def wrap(self, argv: list[str], workspace: Path) -> list[str]:
-        """`argv` as run inside this sandbox, with `workspace` writable."""
+    def wrap(self, argv: list[str], workspace: Path, seccomp_fd: int | None = None) -> list[str]:
+        """`argv` as run inside this sandbox, with `workspace` writable; on Linux
+        `seccomp_fd` is a descriptor kimi passes, holding seccomp.program()."""
         if self.kind == "bubblewrap":
-            return bwrap_argv(argv, workspace, self.allow_network, self.grants)
+            return bwrap_argv(argv, workspace, self.allow_network, self.grants, seccomp_fd)
         if self.kind == "sandbox-exec":
             profile = seatbelt_profile(workspace, self.allow_network, self.grants)
             return ["sandbox-exec", "-p", profile, *argv]
@@ -173,7 +174,7 @@ def unreadable(root: str) -> tuple[tuple[str, bool], ...]:
 
 
 def bwrap_argv(argv: list[str], workspace: Path, allow_network: bool,
-               grants: tuple[Grant, ...] = ()) -> list[str]:
+               grants: tuple[Grant, ...] = (), seccomp_fd: int | None = None) -> list[str]:
     # A user namespace with no capabilities: root outside is nobody inside and cannot remount,
     # unmount or read root-only files; no nested namespaces to win capabilities back.
     out = ["bwrap", "--unshare-user"]
@@ -195,11 +196,59 @@ def bwrap_argv(argv: list[str], workspace: Path, allow_network: bool,
     out += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]
     for home in homes():
         out += ["--tmpfs", str(home)]
-    # After the tmpfs mounts, so a workspace or an allowed path under /tmp or home is the real one.
-    for g in grants:
+    # After the tmpfs mounts, so a workspace or an allowed path under /tmp or home is the real one;
+    # a grant inside the workspace comes after it, so `--sandbox-allow WS/.git:rw` can reopen it.
+    inside = [g for g in grants if _within(g.path, workspace)]
+    for g in [g for g in grants if g not in inside]:
         out += ["--bind" if g.writable else "--ro-bind", str(g.path), str(g.path)]
-    out += ["--bind", str(workspace), str(workspace), "--chdir", str(workspace)]
+    out += ["--bind", str(workspace), str(workspace)]
+    for path in protected_entries(workspace):
+        out += ["--ro-bind", path, path]
+    for g in inside:
+        out += ["--bind" if g.writable else "--ro-bind", str(g.path), str(g.path)]
+    if seccomp_fd is not None:
+        out += ["--seccomp", str(seccomp_fd)]
+    out += ["--chdir", str(workspace)]
     return [*out, "--", *argv]
+
+
+def present(workspace: Path) -> set[str]:
+    """The protected names (safety.PROTECTED_*) at the top of the workspace now."""
+    return {n for n in PROTECTED_DIRS + PROTECTED_NAMES if os.path.lexists(workspace / n)}
+
+
+def block_new(workspace: Path, before: set[str]) -> str:
+    """Rename the protected entries a sandboxed command created (a new `.git` with hooks, an
+    `.envrc`: they would run outside it) to NAME.kimi-blocked; a note saying so, or ""."""
+    moved = []
+    for name in sorted(present(workspace) - before):
+        target = workspace / f"{name}.kimi-blocked"
+        n = 1
+        while os.path.lexists(target):
+            n += 1
+            target = workspace / f"{name}.kimi-blocked-{n}"
+        try:
+            os.rename(workspace / name, target)
+        except OSError as e:
+            moved.append(f"{name} (could not rename it: {e.strerror})")
+            continue
+        moved.append(f"{name} → {target.name}")
+    if not moved:
+        return ""
+    return ("\n[kimi: the command created " + ", ".join(moved) + ": files that run code outside "
+            "the sandbox (on `git status`, `cd`, opening the folder) are not made from inside "
+            "it; the user can create them, or rename them back]")
+
+
+def protected_entries(workspace: Path) -> list[str]:
+    """The workspace's files that run code outside the sandbox (`.git`: on your next `git
+    status`; `.envrc`, `.vscode`...): read-only inside it, a mount point it cannot rename."""
+    out = []
+    for name in PROTECTED_DIRS + PROTECTED_NAMES:
+        path = workspace / name
+        if os.path.lexists(path) and _within(Path(os.path.realpath(path)), workspace):
+            out.append(str(path))
+    return out
 
 
 # macOS: sandbox-exec (Seatbelt). More specific rules win, so each allow below carves a hole in

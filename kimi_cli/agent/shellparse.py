@@ -135,7 +135,8 @@ class _Parser:
         if self._peek() in ("", "\n", ";", "&", "|", "<", ">", "(", ")"):
             raise Unparsable(f"redirection {op!r} without a target")
         target, literal = self._word()
-        if op.endswith((">&", "<&")):
+        # `>&2` duplicates a descriptor, but `>&FILE` (and `1>&FILE`) writes FILE, like `&>`.
+        if op.endswith("<&") or (op.endswith(">&") and re.fullmatch(r"\d+-?|-", target)):
             target = "&" + target
         segment.redirects.append((op, target))
         segment.opaque |= not literal

@@ -9,80 +9,27 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections import Counter
+from dataclasses import dataclass, fields
 
-from .. import config
 from ..agent import events as ev
-from ..agent.approval import Mode, Policy, StreamApprover
 from ..agent.frontend import HINTS, show
 from ..agent.loop import Agent, AgentConfig
 from ..agent.prompt import encode_messages
-from ..agent.sandbox import Sandbox, choose
-from ..agent.tools import Tool, ToolContext, select
 from ..chat.reply import Reply
 from ..engine import Stats
 from ..sessions import TEMPLATE_KEYS, Session
-from .render import LiveRenderer, make_renderer
+from .host import ChatHost
+from .render import LiveRenderer
 from .status import expert_delta, status_line
 from .term import is_tty, line_input, no_echo
-
-if TYPE_CHECKING:
-    from .repl import ChatApp
 
 # How a turn that ended without an answer goes on from the chat.
 CHAT_HINTS = {**HINTS, "max_steps": "; send a message (e.g. `go on`) to let it continue",
               "context_full": "; /clear starts a new conversation"}
 
 
-@dataclass
-class AgentMode:
-    """Whether the chat's turns run the agent, and what the agent gets. The tool context and
-    the approval policy are made once, so approvals "for this session" last across turns."""
-
-    tools: list[Tool] = field(default_factory=lambda: select(None))
-    workspace: Path = field(default_factory=lambda: Path.cwd().resolve())
-    approval: Mode = Mode.ask
-    allow_network: bool = False
-    max_steps: int = config.AGENT_MAX_STEPS
-    sandbox: Sandbox | None = None  # checked by cli._agent_options; None: the best one here
-    max_command_timeout: float = config.AGENT_SHELL_MAX_TIMEOUT
-    on: bool = False
-    _ctx: ToolContext | None = field(default=None, repr=False)
-    _policy: Policy | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_options(cls, opts: dict, on: bool) -> AgentMode:
-        """From the checked `--tools/--workspace/--approval/...` flags (cli._agent_options)."""
-        return cls(tools=opts["tools"], workspace=opts["workspace"],
-                   approval=Mode(opts["approval"].value if opts["approval"] else "ask"),
-                   allow_network=opts["allow_network"],
-                   max_steps=opts["max_steps"] or config.AGENT_MAX_STEPS,
-                   sandbox=opts["sandbox"], on=on, max_command_timeout=(
-                       opts["max_command_timeout"] or config.AGENT_SHELL_MAX_TIMEOUT))
-
-    def context(self) -> ToolContext:
-        if self._ctx is None:
-            self._ctx = ToolContext(self.workspace, self.sandbox or choose(self.allow_network),
-                                    shell_max_timeout=self.max_command_timeout)
-        return self._ctx
-
-    def policy(self, question_to) -> Policy:
-        """Asks on `question_to` (the chat's screen) when it and stdin are a terminal."""
-        if self._policy is None:
-            terminal = is_tty(sys.stdin) and is_tty(question_to)
-            self._policy = Policy(self.approval,
-                                  StreamApprover(sys.stdin, question_to) if terminal else None)
-        return self._policy
-
-    def describe(self) -> str:
-        return (f"workspace {self.workspace} · approval: {self.approval.value} · tools: "
-                f"{', '.join(t.name for t in self.tools)} · shell sandbox: "
-                f"{self.context().sandbox.describe()}")
-
-
-def make_agent(app: ChatApp, history: list[dict]) -> Agent:
+def make_agent(app: ChatHost, history: list[dict]) -> Agent:
     mode = app.agent
     cfg = AgentConfig(max_steps=mode.max_steps, system_prompt=app.session.system)
     return Agent(app.engine, mode.tools, mode.context(), mode.policy(app.console.file),
@@ -96,18 +43,27 @@ def template_messages(session: Session) -> list[dict]:
             for m in session.messages]
 
 
-def prompt_ids(app: ChatApp) -> list[int]:
+def prompt_ids(app: ChatHost) -> list[int]:
     """The conversation as the agent would see it now (tools declared), for /context."""
     agent = make_agent(app, template_messages(app.session))
     return encode_messages(app.tokenizer, agent.messages, agent.schemas,
                            add_generation_prompt=False)
 
 
-def run_turn(app: ChatApp) -> None:
+@dataclass
+class Turn:
+    """What an agent turn did, for the chat's /stats."""
+
+    reply: Reply | None  # its last step (None: it stopped before one finished)
+    experts: dict | None  # the expert cache's counts over the turn
+    totals: dict  # the loop's totals (agent.loop.Totals)
+
+
+def run_turn(app: ChatHost) -> Turn:
     """Answer the session's last (user) message with the agent loop."""
     *earlier, last = template_messages(app.session)
     agent = make_agent(app, earlier)
-    renderer = make_renderer(app.out, app.console, think=app.think)
+    renderer = app.renderer()
     recorder = _Recorder(app.session, agent)
     policy = agent.policy
     ask = policy.approver
@@ -125,7 +81,6 @@ def run_turn(app: ChatApp) -> None:
 
     cache = getattr(app.model, "expert_cache", None)
     before = cache.stats.to_dict(per_layer=False) if cache is not None else None
-    app.kv_owner = app.session.id
     done = None
     try:
         with no_echo() if is_tty(sys.stdin) else contextlib.nullcontext():
@@ -136,25 +91,20 @@ def run_turn(app: ChatApp) -> None:
         renderer.finish("error" if done is None else
                         "stop" if done.reason == "answer" else done.reason)
     after = cache.stats.to_dict(per_layer=False) if cache is not None else None
-    app.last_experts = expert_delta(before, after)
+    experts = expert_delta(before, after)
     if done.reason not in ("answer", "interrupted"):
         app.hint(f"kimi: {done.message}{CHAT_HINTS.get(done.reason, '')}")
     stats = recorder.last_stats
     if stats is None:
-        return
-    app.last = Reply(reasoning=recorder.last_reasoning, content=recorder.last_text,
-                     finish_reason=recorder.last_finish, stats=stats)
-    app.turns += 1
-    t = done.totals
-    app.totals["prefilled"] += t["prefilled_tokens"]
-    app.totals["reused"] += t["reused_tokens"]
-    app.totals["generated"] += t["generated_tokens"]
-    app.totals["prompt_time"] += t["prompt_time"]
-    app.totals["generation_time"] += t["generation_time"]
-    steps, calls = t["steps"], t["tool_calls"]
-    app.note(status_line(stats, stats.prompt_tokens + stats.generation_tokens, app.last_experts)
+        return Turn(None, experts, done.totals)
+    reply = Reply(reasoning=recorder.last_reasoning, content=recorder.last_text,
+                  finish_reason=recorder.last_finish, stats=stats)
+    steps, calls = done.totals["steps"], done.totals["tool_calls"]
+    held = "".join(f", {n} {what}" for what, n in sorted(recorder.refusals.items()))
+    app.note(status_line(stats, stats.prompt_tokens + stats.generation_tokens, experts)
              + f" · agent: {steps} step{'s' * (steps != 1)}, "
-               f"{calls} tool call{'s' * (calls != 1)}")
+               f"{calls} tool call{'s' * (calls != 1)}{held}")
+    return Turn(reply, experts, done.totals)
 
 
 class _Recorder:
@@ -168,6 +118,7 @@ class _Recorder:
         self.kept = list(agent.messages)  # held, so that no new message can reuse an id()
         self.seen = {id(m) for m in self.kept}
         self.approvals: dict[str, ev.Approval] = {}
+        self.refusals: Counter[str] = Counter()  # "denied", "refused": how many calls
         self.ok: dict[str, bool] = {}
         self.step: ev.StepFinished | None = None
         self.reasoning: list[str] = []
@@ -193,6 +144,8 @@ class _Recorder:
             self.last_reasoning, self.last_text = "".join(self.reasoning), "".join(self.text)
         elif isinstance(e, ev.Approval):
             self.approvals[e.id] = e
+            if e.decision != "allowed":
+                self.refusals[e.decision] += 1
         elif isinstance(e, ev.ToolResult):
             self.ok[e.id] = e.ok
         if isinstance(e, (ev.Answer, ev.Approval, ev.ToolResult, ev.Done)):

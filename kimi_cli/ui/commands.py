@@ -20,7 +20,7 @@ from .events import ThinkMode
 from .status import kilo
 
 if TYPE_CHECKING:
-    from .repl import ChatApp
+    from .host import ChatHost
 
 
 class CommandError(Exception):
@@ -36,7 +36,7 @@ class Command:
     name: str
     usage: str
     help: str
-    run: Callable[[ChatApp, str], None]
+    run: Callable[[ChatHost, str], None]
 
 
 COMMANDS: dict[str, Command] = {}
@@ -44,13 +44,13 @@ ALIASES = {"quit": "exit", "q": "exit", "?": "help", "new": "clear", "reset": "c
 
 
 def command(name: str, usage: str, help: str):
-    def register(fn: Callable[[ChatApp, str], None]):
+    def register(fn: Callable[[ChatHost, str], None]):
         COMMANDS[name] = Command(name, usage, help, fn)
         return fn
     return register
 
 
-def dispatch(app: ChatApp, line: str) -> None:
+def dispatch(app: ChatHost, line: str) -> None:
     """Run one `/name args` line; raises Exit for /exit, CommandError for mistakes."""
     name, _, arg = line.strip()[1:].partition(" ")
     name = ALIASES.get(name.lower(), name.lower())
@@ -111,7 +111,7 @@ def settings_text(settings) -> str:
 
 
 @command("help", "", "list the commands and keys")
-def _help(app: ChatApp, arg: str) -> None:
+def _help(app: ChatHost, arg: str) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column()
@@ -131,18 +131,18 @@ def _help(app: ChatApp, arg: str) -> None:
 
 
 @command("exit", "", "save and leave (also Ctrl-D)")
-def _exit(app: ChatApp, arg: str) -> None:
+def _exit(app: ChatHost, arg: str) -> None:
     raise Exit
 
 
 @command("clear", "", "start a new conversation")
-def _clear(app: ChatApp, arg: str) -> None:
+def _clear(app: ChatHost, arg: str) -> None:
     app.new_session()
     app.console.rule(Text("new conversation", style="dim"), style="grey50")
 
 
 @command("system", "[TEXT | -]", "show or set the system prompt (`-`: the default)")
-def _system(app: ChatApp, arg: str) -> None:
+def _system(app: ChatHost, arg: str) -> None:
     if not arg:
         current = app.session.system
         label = "system prompt" + ("" if current else " (default)")
@@ -154,7 +154,7 @@ def _system(app: ChatApp, arg: str) -> None:
 
 
 @command("set", "[KEY VALUE]", "show or change a setting: " + ", ".join(SETTINGS))
-def _set(app: ChatApp, arg: str) -> None:
+def _set(app: ChatHost, arg: str) -> None:
     if not arg:
         app.note(settings_text(app.settings))
         return
@@ -168,7 +168,7 @@ def _set(app: ChatApp, arg: str) -> None:
 
 
 @command("think", "[show|collapse|hide]", "how reasoning is displayed (remembered)")
-def _think(app: ChatApp, arg: str) -> None:
+def _think(app: ChatHost, arg: str) -> None:
     if not arg:
         app.note(f"reasoning display: {app.think.value} (show, collapse or hide)")
         return
@@ -182,7 +182,7 @@ def _think(app: ChatApp, arg: str) -> None:
 
 @command("agent", "[on|off]", "agent mode: the model reads, edits and runs things in the "
          "workspace with tools")
-def _agent(app: ChatApp, arg: str) -> None:
+def _agent(app: ChatHost, arg: str) -> None:
     if not arg:
         state = f"on · {app.agent.describe()}" if app.agent.on else "off"
         app.note(f"agent mode: {state}")
@@ -198,7 +198,7 @@ def _agent(app: ChatApp, arg: str) -> None:
 
 
 @command("retry", "", "answer the last message again")
-def _retry(app: ChatApp, arg: str) -> None:
+def _retry(app: ChatHost, arg: str) -> None:
     msgs = app.session.messages
     while msgs and msgs[-1].get("role") in ("assistant", "tool"):  # an agent turn: all its steps
         app.session.pop()
@@ -208,7 +208,7 @@ def _retry(app: ChatApp, arg: str) -> None:
 
 
 @command("save", "[NAME]", "save the session and its KV cache now, optionally named")
-def _save(app: ChatApp, arg: str) -> None:
+def _save(app: ChatHost, arg: str) -> None:
     if arg:
         app.session.update_header(name=arg)
     if not app.session.messages:
@@ -222,7 +222,7 @@ def _save(app: ChatApp, arg: str) -> None:
 
 
 @command("load", "ID", "switch to a saved session (id, id prefix or name)")
-def _load(app: ChatApp, arg: str) -> None:
+def _load(app: ChatHost, arg: str) -> None:
     if not arg:
         raise CommandError("/load: which session? /sessions lists them")
     from ..sessions import find_session
@@ -239,7 +239,7 @@ def _load(app: ChatApp, arg: str) -> None:
 
 
 @command("sessions", "", "list saved sessions")
-def _sessions(app: ChatApp, arg: str) -> None:
+def _sessions(app: ChatHost, arg: str) -> None:
     from ..sessions import list_sessions
 
     infos = list_sessions()
@@ -261,13 +261,13 @@ def _sessions(app: ChatApp, arg: str) -> None:
 
 
 @command("stats", "", "timings of the last reply and of the session")
-def _stats(app: ChatApp, arg: str) -> None:
+def _stats(app: ChatHost, arg: str) -> None:
     for line in app.stats_lines():
         app.note(line)
 
 
 @command("context", "", "how much of the 256K context is used and cached")
-def _context(app: ChatApp, arg: str) -> None:
+def _context(app: ChatHost, arg: str) -> None:
     used, reusable = app.context_usage()
     pct = 100 * used / config.CONTEXT_LENGTH
     app.note(f"conversation: {used:,} tokens of the {kilo(config.CONTEXT_LENGTH)} context "
@@ -277,6 +277,6 @@ def _context(app: ChatApp, arg: str) -> None:
 
 
 @command("model", "", "the model in use")
-def _model(app: ChatApp, arg: str) -> None:
+def _model(app: ChatHost, arg: str) -> None:
     for line in app.model_lines():
         app.note(line)

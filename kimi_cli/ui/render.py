@@ -504,6 +504,8 @@ class PlainRenderer:
         self._answer_tail = ""
         self._progress_shown = False
         self.reasoning_text = ""
+        self.before_answer = ""  # written once before the answer (a chat's separator)
+        self.answered = False  # some of the answer is on `out`
 
     def _write(self, stream, text: str) -> None:
         stream.write(text)
@@ -525,6 +527,9 @@ class PlainRenderer:
 
     def text(self, text: str) -> None:
         self._end_reasoning()
+        if not self.answered and text:
+            text = self.before_answer + text
+            self.answered = True
         self._write(self.out, text)
         self._answer_tail = (self._answer_tail + text)[-1:]
 

@@ -23,8 +23,9 @@ from ..engine import Engine, PrefillProgress, SamplingSettings, common_prefix
 from ..errors import KimiError
 from ..sessions import KVInfo, KVMismatch, Session, load_kv, model_fingerprint, save_kv
 from . import commands
-from .agent_turn import AgentMode, run_turn
+from .agent_mode import AgentMode
 from .agent_turn import prompt_ids as agent_prompt_ids
+from .agent_turn import run_turn
 from .events import ThinkMode, ToolResult
 from .input import LineReader, PromptReader, unwrap
 from .prefs import write_pref
@@ -43,7 +44,8 @@ TRANSCRIPT_MESSAGES = 12  # messages of a resumed session shown again
 
 
 class ChatApp:
-    """One chat: the model's engine, the current session, the settings and the screen."""
+    """One chat: the model's engine, the current session, the settings and the screen (the
+    `ChatHost` that commands and agent turns see)."""
 
     def __init__(self, model, tokenizer, console: Console, *, spec: str, session: Session,
                  settings: SamplingSettings, think: ThinkMode, model_path: Path | None = None,
@@ -70,6 +72,8 @@ class ChatApp:
         self.last: Reply | None = None
         self.last_experts: dict | None = None
         self.turns = 0
+        self._renderer = None  # the last reply's
+        self._answered = False  # an answer is on `out` already
         self.totals = {"prefilled": 0, "reused": 0, "generated": 0, "prompt_time": 0.0,
                        "generation_time": 0.0}
 
@@ -88,6 +92,15 @@ class ChatApp:
         self.think = mode
         write_pref("think", mode.value)
 
+    def renderer(self):
+        """A renderer for one reply. In a pipe, answers are set apart by an empty line."""
+        previous = self._renderer
+        self._renderer = make_renderer(self.out, self.console, think=self.think)
+        if self._answered or getattr(previous, "answered", False):
+            self._answered = True
+            self._renderer.before_answer = "\n"
+        return self._renderer
+
     def set_agent(self, on: bool) -> None:
         self.agent.on = on
         if on:
@@ -98,7 +111,7 @@ class ChatApp:
     # The loop
 
     def run(self, reader) -> int:
-        self.banner()
+        self.banner(keys=isinstance(reader, PromptReader))
         if self.session.messages:
             self.show_transcript()
             self.restore_kv()
@@ -138,12 +151,14 @@ class ChatApp:
         self.close()
         return 0
 
-    def banner(self) -> None:
+    def banner(self, keys: bool = True) -> None:
+        """`keys`: the keys are read from a terminal, so their hints mean something."""
         self.console.print(Text.assemble(("kimi chat", "bold " + ANSWER_STYLE),
                                          (f" · {self.spec} · reasoning: {self.think.value}"
                                           + (" · agent: on" if self.agent.on else ""), "dim")))
-        self.note("/help: commands · Alt-Enter: new line · Ctrl-C: stop a reply · "
-                  "Ctrl-D: exit")
+        if keys:
+            self.note("/help: commands · Alt-Enter: new line · Ctrl-C: stop a reply · "
+                      "Ctrl-D: exit")
         if self.agent.on:
             self.note(f"agent mode: {self.agent.describe()}")
 
@@ -152,7 +167,13 @@ class ChatApp:
     def respond(self) -> None:
         """Answer the last user message: with the agent loop in agent mode, else one reply."""
         if self.agent.on:
-            run_turn(self)
+            self.kv_owner = self.session.id
+            turn = run_turn(self)
+            self.last_experts = turn.experts
+            if turn.reply is not None:
+                t = turn.totals
+                self._count(turn.reply, t["prefilled_tokens"], t["reused_tokens"],
+                            t["generated_tokens"], t["prompt_time"], t["generation_time"])
             return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))
@@ -162,7 +183,7 @@ class ChatApp:
                 f"the conversation ({len(ids):,} tokens) fills the model's context "
                 f"({config.CONTEXT_LENGTH:,}): /clear starts a new one")
         settings = replace(self.settings, max_tokens=min(self.settings.max_tokens, room))
-        renderer = make_renderer(self.out, self.console, think=self.think)
+        renderer = self.renderer()
         cache = getattr(self.model, "expert_cache", None)
         before = cache.stats.to_dict(per_layer=False) if cache is not None else None
 
@@ -188,14 +209,19 @@ class ChatApp:
         msg["stats"] = {k: round(v, 4) if isinstance(v, float) else v
                         for k, v in st.to_dict().items()}
         self.session.append(msg)
+        self._count(reply, st.prefilled_tokens, st.reused_tokens, st.generation_tokens,
+                    st.prompt_time, st.generation_time)
+        self.note(status_line(st, len(ids) + st.generation_tokens, self.last_experts))
+
+    def _count(self, reply: Reply, prefilled: int, reused: int, generated: int,
+               prompt_time: float, generation_time: float) -> None:
+        """One more reply for /stats (an agent turn's counts cover all its steps)."""
         self.last = reply
         self.turns += 1
-        self.totals["prefilled"] += st.prefilled_tokens
-        self.totals["reused"] += st.reused_tokens
-        self.totals["generated"] += st.generation_tokens
-        self.totals["prompt_time"] += st.prompt_time
-        self.totals["generation_time"] += st.generation_time
-        self.note(status_line(st, len(ids) + st.generation_tokens, self.last_experts))
+        for key, value in (("prefilled", prefilled), ("reused", reused),
+                           ("generated", generated), ("prompt_time", prompt_time),
+                           ("generation_time", generation_time)):
+            self.totals[key] += value
 
     # Sessions
 

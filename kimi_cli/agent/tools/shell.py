@@ -17,8 +17,9 @@ import threading
 from collections import deque
 
 from ... import config
+from .. import seccomp
 from ..safety import check_command
-from ..sandbox import Sandbox
+from ..sandbox import Sandbox, block_new, present
 from .base import Tool, ToolContext, ToolError
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -141,6 +142,17 @@ def _kill(proc: subprocess.Popen, before: set[int]) -> None:
                 pass
 
 
+def _seccomp_fds(sandbox: Sandbox) -> tuple[int, ...]:
+    """bubblewrap's seccomp filter (seccomp.py) in a pipe bwrap reads; () elsewhere."""
+    if sandbox.kind != "bubblewrap" or not seccomp.supported():
+        return ()
+    prog = seccomp.program(unix_sockets=not sandbox.allow_network)
+    r, w = os.pipe()  # a few hundred bytes: far below a pipe's buffer
+    os.write(w, prog)
+    os.close(w)
+    return (r,)
+
+
 def run(args: dict, ctx: ToolContext) -> str:
     command = args["command"]
     timeout = args.get("timeout", ctx.shell_timeout)
@@ -148,16 +160,24 @@ def run(args: dict, ctx: ToolContext) -> str:
         raise ToolError(f"timeout must be between 0 and {ctx.shell_max_timeout:g} seconds (the "
                         "user can raise the limit with --max-command-timeout)")
     bash = shutil.which("bash") or "/bin/sh"
-    argv = ctx.sandbox.wrap([bash, "-c", command], ctx.workspace)
+    fds = _seccomp_fds(ctx.sandbox)
+    argv = ctx.sandbox.wrap([bash, "-c", command], ctx.workspace, fds[0] if fds else None)
     adopting = _adopt_orphans()
     before = _children() if adopting else set()
     env = environment(ctx.sandbox)
     env["PWD"] = str(ctx.workspace)
+    # In the sandbox .git, .envrc... are read-only; ones it creates are renamed away after it.
+    sandboxed = ctx.sandbox.kind == "bubblewrap"
+    existing = present(ctx.workspace) if sandboxed else set()
     # A new session has no controlling terminal: nothing can type into the user's (TIOCSTI) or
     # read it; stdin is /dev/null and no other descriptor is inherited.
-    proc = subprocess.Popen(argv, cwd=ctx.workspace, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, close_fds=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=ctx.workspace, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, close_fds=True, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     capture = _Capture(proc.stdout, ctx.output_cap)
     capture.start()
     try:
@@ -165,11 +185,14 @@ def run(args: dict, ctx: ToolContext) -> str:
     except subprocess.TimeoutExpired:
         _kill(proc, before)
         capture.join(5)
+        blocked = block_new(ctx.workspace, existing) if sandboxed else ""
         raise ToolError(f"the command timed out after {timeout:g} s and was killed (pass a "
                         f"larger timeout if it needs longer). Its output so far:\n"
-                        + capture.text(ctx.output_cap)) from None
+                        + capture.text(ctx.output_cap) + blocked) from None
     except BaseException:  # Ctrl-C: the command dies with the step, not after it
         _kill(proc, before)
+        if sandboxed:
+            block_new(ctx.workspace, existing)
         raise
     # What it started in the background ends with it (and lets go of the output pipe).
     _kill(proc, before)
@@ -177,7 +200,8 @@ def run(args: dict, ctx: ToolContext) -> str:
     output = capture.text(ctx.output_cap)
     if output and not output.endswith("\n"):
         output += "\n"
-    return (output or "(no output)\n") + f"[exit code {proc.returncode}]"
+    blocked = block_new(ctx.workspace, existing) if sandboxed else ""
+    return (output or "(no output)\n") + f"[exit code {proc.returncode}]" + blocked
 
 
 def check(args: dict, ctx: ToolContext) -> None:

@@ -25,6 +25,7 @@ def current_text(path: Path) -> str:
 
 def diff(shown: str, before: str, after: str) -> str:
     """A unified diff for the approval prompt (cut to a readable length)."""
+    shown = shown.replace("\n", "\\n")  # a name's newline would draw a line of its own
     lines = list(difflib.unified_diff(before.splitlines(keepends=True),
                                       after.splitlines(keepends=True),
                                       fromfile=f"a/{shown}", tofile=f"b/{shown}"))

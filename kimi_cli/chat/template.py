@@ -25,13 +25,16 @@ def render(
     tools: list[dict] | None = None,
     add_generation_prompt: bool = True,
     template: str | None = None,
+    **template_kwargs: Any,
 ) -> str:
     """The prompt for `messages` (OpenAI-style dicts, plus `reasoning_content` on assistants).
 
     `template` is the text of a checkpoint's chat template; None uses the built-in one.
+    `template_kwargs` are extra template variables (as transformers' apply_chat_template takes).
     """
     compiled = _compile(builtin_template() if template is None else template)
     return compiled.render(
+        **template_kwargs,
         messages=messages,
         # The release's tokenizer deep-sorts the tool list before rendering (apply_chat_template);
         # tool-call arguments keep their own key order.

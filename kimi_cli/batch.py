@@ -1,0 +1,213 @@
+"""Batched decoding: B sequences advance together, one forward pass per step (continuous batching).
+
+Each sequence is prefilled alone through an `Engine` (chunked, reusing its KV prefix), then joins
+the running batch with its own sampler, seed and stop condition; a finished sequence leaves it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from . import config
+from .engine import Done, Engine, Event, PrefillProgress, SamplingSettings, Stats, Token
+
+Sampler = Callable[[mx.array], mx.array]  # logits [1, vocab] -> token id [1]
+
+
+def make_sampler(settings: SamplingSettings) -> tuple[Sampler, int | None]:
+    """The engine's sampling (mlx-lm's filters, then a categorical draw) with a random state of
+    its own: a sequence seeded with s draws exactly what `Engine.generate` seeded with s draws.
+    Returns the sampler and the seed it uses (None at temperature 0)."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    def logprobs(lg: mx.array) -> mx.array:
+        lg = lg.astype(mx.float32)
+        return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+
+    s = settings
+    if s.temperature == 0:
+        return (lambda lg: mx.argmax(logprobs(lg), axis=-1)), None
+    seed = s.seed if s.seed is not None else random.SystemRandom().randrange(config.SEED_MAX)
+    # mx.random's global state advances as (state, key) = split(state) per draw: the same here.
+    state = [mx.random.key(seed)]
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < s.top_p < 1:
+        filters.append(lambda x: apply_top_p(x, s.top_p))
+    if s.min_p:
+        filters.append(lambda x: apply_min_p(x, s.min_p))
+    if s.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, s.top_k))
+
+    def sample(lg: mx.array) -> mx.array:
+        x = logprobs(lg)
+        for f in filters:
+            x = f(x)
+        state[0], key = mx.random.split(state[0])
+        return mx.random.categorical(x * (1.0 / s.temperature), key=key)
+
+    return sample, seed
+
+
+@dataclass
+class Sequence:
+    uid: int
+    settings: SamplingSettings
+    stop: set[int]
+    sample: Sampler
+    seed: int | None
+    detok: object
+    stats: Stats
+    t0: float
+    t_first: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    cache: list | None = None  # a batch-of-one cache until the sequence joins the batch
+
+
+class BatchDecoder:
+    """A running batch over one model: `add` sequences (prefilled at once), `step` them all
+    forward by one token, `cancel` one. Events come back as (uid, Token | Done) pairs."""
+
+    def __init__(self, model, tokenizer, engine: Engine | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = engine or Engine(model, tokenizer)  # prefills; keeps the prompt's KV
+        self.rows: list[Sequence] = []  # in the batch, in the order of the cache's rows
+        self.cache: list | None = None
+        self._joining: list[Sequence] = []
+        self._outbox: list[tuple[int, Event]] = []
+        self._next_uid = 0
+        self.seeds: dict[int, int | None] = {}
+
+    @property
+    def active(self) -> list[int]:
+        return [s.uid for s in self._joining + self.rows]
+
+    def add(self, prompt_ids: list[int], settings: SamplingSettings | None = None,
+            stop_ids: set[int] | None = None,
+            on_progress: Callable[[PrefillProgress], None] | None = None) -> int:
+        """Prefill one sequence now (alone, through the engine) and sample its first token; it
+        joins the batch at the next `step`, whose events carry that first token."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        settings = settings or SamplingSettings()
+        sample, seed = make_sampler(settings)
+        uid = self._next_uid
+        self._next_uid += 1
+        stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+        seq = Sequence(uid, settings, stop, sample, seed, self.tokenizer.detokenizer(), Stats(),
+                       time.perf_counter())
+        self.seeds[uid] = seed
+        begin = getattr(self.model, "begin_generation", None)
+        if begin is not None:  # the scripted test double starts this sequence's output
+            begin(len(prompt_ids))
+        logits = None
+        for item in self.engine.prefill(prompt_ids, seq.stats):
+            if isinstance(item, PrefillProgress):
+                if on_progress is not None:
+                    on_progress(item)
+            else:
+                logits = item
+        y = sample(logits)
+        seq.cache = [c.batched([c]) for c in self.engine.cache]  # a copy: the engine goes on
+        mx.eval(y, [c.state for c in seq.cache])
+        seq.t_first = time.perf_counter()
+        seq.stats.prompt_time = seq.stats.ttft = seq.t_first - seq.t0
+        if not self._take(seq, y.item(), self._outbox):
+            self._joining.append(seq)
+        return uid
+
+    def step(self) -> list[tuple[int, Event]]:
+        """Join the sequences added since the last step, run one forward pass over the batch,
+        sample each row; finished rows leave. Returns the events in order."""
+        events, self._outbox = self._outbox, []
+        for seq in self._joining:
+            if self.cache is None:
+                self.cache = seq.cache
+            else:
+                for mine, theirs in zip(self.cache, seq.cache):
+                    mine.extend(theirs)
+            seq.cache = None
+            self.rows.append(seq)
+        self._joining = []
+        if not self.rows:
+            return events
+        ids = mx.array([[s.token_ids[-1]] for s in self.rows])
+        logits = self.model(ids, cache=self.cache)[:, -1, :]
+        ys = [s.sample(logits[i : i + 1]) for i, s in enumerate(self.rows)]
+        mx.eval(ys, [c.state for c in self.cache])
+        keep = [i for i, (s, y) in enumerate(zip(self.rows, ys))
+                if not self._take(s, y.item(), events)]
+        self._leave(keep)
+        return events
+
+    def cancel(self, uid: int) -> Done | None:
+        """Stop one sequence where it is (finish reason "interrupted"); None if it is not here."""
+        for seq in self._joining:
+            if seq.uid == uid:
+                self._joining.remove(seq)
+                return self._done(seq, "interrupted")
+        for i, seq in enumerate(self.rows):
+            if seq.uid == uid:
+                self._leave([j for j in range(len(self.rows)) if j != i])
+                return self._done(seq, "interrupted")
+        return None
+
+    def cancel_all(self) -> list[tuple[int, Done]]:
+        return [(uid, d) for uid in self.active if (d := self.cancel(uid)) is not None]
+
+    def run(self) -> Iterator[tuple[int, Event]]:
+        """Step until every sequence has finished."""
+        while self.active or self._outbox:
+            yield from self.step()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _take(self, seq: Sequence, tok: int, out: list) -> bool:
+        """Record a sampled token; True when it ends the sequence."""
+        seq.token_ids.append(tok)
+        stop = tok in seq.stop
+        last = stop or len(seq.token_ids) >= seq.settings.max_tokens
+        text = "" if stop else seq.detok.add_token(tok)
+        if last:
+            text += seq.detok.finalize()
+        out.append((seq.uid, Token(tok, text)))
+        if last:
+            out.append((seq.uid, self._done(seq, "stop" if stop else "length")))
+        return last
+
+    def _done(self, seq: Sequence, finish: str) -> Done:
+        st = seq.stats
+        st.generation_tokens = len(seq.token_ids)
+        st.generation_time = time.perf_counter() - (seq.t_first or seq.t0)
+        st.peak_memory_gb = mx.get_peak_memory() / 1e9
+        return Done(finish, list(seq.token_ids), st)
+
+    def _leave(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = None
+            return
+        for c in self.cache:
+            c.filter(keep)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]],
+                   settings: list[SamplingSettings] | SamplingSettings | None = None,
+                   engine: Engine | None = None) -> Iterator[tuple[int, Event]]:
+    """Decode `prompts` as one batch: yields (index into prompts, Token | Done) as they come."""
+    if not isinstance(settings, list):
+        settings = [settings or SamplingSettings()] * len(prompts)
+    dec = BatchDecoder(model, tokenizer, engine)
+    index = {dec.add(p, s): i for i, (p, s) in enumerate(zip(prompts, settings))}
+    try:
+        for uid, ev in dec.run():
+            yield index[uid], ev
+    finally:
+        dec.cancel_all()

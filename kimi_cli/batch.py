@@ -81,6 +81,7 @@ class BatchDecoder:
         self._joining: list[Sequence] = []
         self._outbox: list[tuple[int, Event]] = []
         self._next_uid = 0
+        self._last: tuple[list[int], mx.array] | None = None  # last prompt prefilled, its logits
         self.seeds: dict[int, int | None] = {}
 
     @property
@@ -105,13 +106,21 @@ class BatchDecoder:
         begin = getattr(self.model, "begin_generation", None)
         if begin is not None:  # the scripted test double starts this sequence's output
             begin(len(prompt_ids))
-        logits = None
-        for item in self.engine.prefill(prompt_ids, seq.stats):
-            if isinstance(item, PrefillProgress):
-                if on_progress is not None:
-                    on_progress(item)
-            else:
-                logits = item
+        if (begin is None and self._last is not None and self._last[0] == prompt_ids
+                and self.engine.cached_ids == prompt_ids):
+            # The prompt of the previous sequence (N trajectories): its logits, no forward pass.
+            logits = self._last[1]
+            st = seq.stats
+            st.prompt_tokens = st.reused_tokens = len(prompt_ids)
+        else:
+            logits = None
+            for item in self.engine.prefill(prompt_ids, seq.stats):
+                if isinstance(item, PrefillProgress):
+                    if on_progress is not None:
+                        on_progress(item)
+                else:
+                    logits = item
+            self._last = (list(prompt_ids), logits)
         y = sample(logits)
         seq.cache = [c.batched([c]) for c in self.engine.cache]  # a copy: the engine goes on
         mx.eval(y, [c.state for c in seq.cache])

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from . import config
 from .engine import Done, Engine, Event, PrefillProgress, SamplingSettings, Stats, Token
+from .errors import KimiError
 
 Sampler = Callable[[mx.array], mx.array]  # logits [1, vocab] -> token id [1]
 
@@ -53,6 +54,41 @@ def make_sampler(settings: SamplingSettings) -> tuple[Sampler, int | None]:
     return sample, seed
 
 
+def kv_bytes_per_token(args, dtype: mx.Dtype) -> int:
+    """One token's latent KV cache over all layers (MLA: the latent and the rope key)."""
+    return (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers * dtype.size
+
+
+def batch_kv_bytes(args, dtype: mx.Dtype, sequences: int, context: int) -> int:
+    return sequences * context * kv_bytes_per_token(args, dtype)
+
+
+def check_batch_fits(model, sequences: int, context: int, memory: int | None = None) -> None:
+    """Refuse a batch whose KV cache (`sequences` x `context` tokens) cannot fit beside the
+    weights and the expert cache, with the headroom the automatic expert budget keeps."""
+    from mlx.utils import tree_flatten
+
+    from .experts.cache import _machine_memory, fmt_bytes
+
+    args = getattr(model, "args", None)
+    if args is None:  # the scripted test double has no KV cache
+        return
+    dtype = model.model.embed_tokens.weight.dtype
+    need = batch_kv_bytes(args, dtype, sequences, context)
+    memory = memory or _machine_memory()
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    experts = model.expert_cache.stats.resident_bytes if model.expert_cache is not None else 0
+    headroom = max(8 << 30, int(0.15 * memory))
+    free = max(0, memory - weights - experts - headroom)
+    if need > free:
+        raise KimiError(
+            f"{sequences} sequences of up to {context:,} tokens need {fmt_bytes(need)} of KV "
+            f"cache ({fmt_bytes(kv_bytes_per_token(args, dtype))} per token); "
+            f"{fmt_bytes(free)} is free beside the weights ({fmt_bytes(weights)}), the expert "
+            f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: use fewer "
+            "--trajectories, a lower --max-tokens or a smaller --expert-cache")
+
+
 @dataclass
 class Sequence:
     uid: int
@@ -87,6 +123,11 @@ class BatchDecoder:
     @property
     def active(self) -> list[int]:
         return [s.uid for s in self._joining + self.rows]
+
+    @property
+    def busy(self) -> bool:
+        """Sequences still running, or events not yet returned by `step`."""
+        return bool(self._joining or self.rows or self._outbox)
 
     def add(self, prompt_ids: list[int], settings: SamplingSettings | None = None,
             stop_ids: set[int] | None = None,
@@ -171,7 +212,7 @@ class BatchDecoder:
 
     def run(self) -> Iterator[tuple[int, Event]]:
         """Step until every sequence has finished."""
-        while self.active or self._outbox:
+        while self.busy:
             yield from self.step()
 
     # -- internals -----------------------------------------------------------------------------

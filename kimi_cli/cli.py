@@ -242,6 +242,12 @@ def run(
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
+    heavy: Annotated[bool, typer.Option(
+        "--heavy", help="Heavy mode: several trajectories of the prompt decoded as one batch "
+        "(each with its own seed), then an aggregation turn that reads their answers.")] = False,
+    trajectories: Annotated[int | None, typer.Option(
+        "--trajectories", help=f"Heavy mode: how many trajectories (default "
+        f"{config.HEAVY_TRAJECTORIES}); implies --heavy.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
@@ -261,6 +267,7 @@ def run(
         settings.validate()
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
+        n_heavy = _heavy_count(heavy, trajectories, agent, raw)
         text = read_prompt(prompt)
         think_mode = _think_mode(think, hide_reasoning)
         spec = resolve_model(model)
@@ -307,6 +314,12 @@ def run(
         if print_prompt:
             _print_prompt(prompt_text)
             return
+        if n_heavy:
+            from .heavy_cli import run_heavy_command
+
+            run_heavy_command(mdl, tok, text, system, settings, n_heavy, fmt.value, spec,
+                              think_mode, quiet, color.value)
+            return
         ids = tok.encode(prompt_text)
         _generate(mdl, tok, ids, settings, fmt, spec, raw=raw, think=think_mode, quiet=quiet,
                   color=color)
@@ -315,6 +328,21 @@ def run(
                 raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
             save_expert_profile.write_text(json.dumps(
                 {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
+
+
+def _heavy_count(heavy: bool, trajectories: int | None, agent: bool, raw: bool) -> int:
+    """Trajectories of a heavy run (0: not one). `--heavy` is a flag and the count its own
+    option, since an optional value would swallow the PROMPT after it."""
+    if trajectories is None and not heavy:
+        return 0
+    n = config.HEAVY_TRAJECTORIES if trajectories is None else trajectories
+    if n < 1:
+        raise UsageError("--trajectories must be >= 1")
+    if agent:
+        raise UsageError("--heavy does not combine with --agent")
+    if raw:
+        raise UsageError("--heavy needs the chat template (drop --raw)")
+    return n
 
 
 def _check_expert_cache(value: str | None) -> None:

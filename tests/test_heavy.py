@@ -227,3 +227,27 @@ def test_ctrl_c_stops_every_trajectory_keeps_what_is_done_and_exits_130(tmp_path
     assert child.exitstatus == 130, screen[-2000:]
     assert "interrupted" in screen
     assert "The final answer is 42." not in screen  # no aggregate after Ctrl-C
+
+
+# kimi chat: /heavy N for the next message
+
+
+def test_chat_heavy_answers_the_next_message_with_an_aggregate_then_turns_go_back(tmp_path,
+                                                                                  env):
+    outputs = ["<think>a</think>Hi there.<|im_end|>", "one.<|im_end|>", "two.<|im_end|>",
+               "<think>agg</think>Aggregated answer.<|im_end|>", "Normal again.<|im_end|>"]
+    home = tmp_path / "state"
+    home.mkdir()
+    r = subprocess.run([*KIMI, "chat", "-m", script(tmp_path, outputs)],
+                       env={**env, "XDG_STATE_HOME": str(home)}, capture_output=True, text=True,
+                       timeout=120, input="hello\n/heavy 0\n/heavy 2\nwhat?\nand now\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["Hi there.", "Aggregated answer.", "Normal again."]
+    assert "/heavy: expected a number of trajectories >= 1" in r.stderr
+    [session] = (home / "kimi-mlx" / "sessions").glob("*.jsonl")
+    lines = [json.loads(line) for line in session.read_text().splitlines()]
+    replies = [m for m in lines if m.get("role") == "assistant"]
+    assert [m["content"] for m in replies] == ["Hi there.", "Aggregated answer.",
+                                               "Normal again."]
+    assert [t["text"] for t in replies[1]["heavy"]["trajectories"]] == ["one.", "two."]
+    assert "heavy" not in replies[2]

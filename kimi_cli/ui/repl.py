@@ -154,6 +154,12 @@ class ChatApp:
         if self.agent.on:
             run_turn(self)
             return
+        if getattr(self, "heavy_next", 0):  # armed by /heavy for this one message
+            from .heavy_turn import run_heavy_turn
+
+            n, self.heavy_next = self.heavy_next, 0
+            run_heavy_turn(self, n)
+            return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))
         room = config.CONTEXT_LENGTH - len(ids)

@@ -296,7 +296,7 @@ def run(
             notes: list[str] = []  # printed after the spinner, not through it
             with _loading(path, quiet or fmt != Format.text, color):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned, log=notes.append)
+                                pinned=pinned, log=notes.append, kv_sequences=max(1, n_heavy))
             for note in notes if not quiet else []:
                 _err(note)
         if agent_opts is not None:
@@ -1063,6 +1063,9 @@ def info(
         "expert pack, else 5).")] = None,
     fmt: Annotated[InfoFormat, typer.Option("--format", "-f", help="text or json.")] = (
         InfoFormat.text),
+    trajectories: Annotated[int, typer.Option(
+        "--trajectories", help="Sequences decoded together (kimi run --heavy) to size the KV "
+        "cache for.")] = config.HEAVY_TRAJECTORIES,
     debug: DebugOpt = False,
 ) -> None:
     """What a model is, which files are here, and whether it fits this machine."""
@@ -1074,7 +1077,8 @@ def info(
         _check_expert_cache(expert_cache)
         spec = str(model_dir(model, quiet=True)) if model == DEMO_NAME else model
         report = model_info(spec, context=context, expert_cache=expert_cache,
-                            bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps)
+                            bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps,
+                            trajectories=trajectories)
         (render_json if fmt == InfoFormat.json else render_text)(report, sys.stdout)
         sys.stdout.flush()
 

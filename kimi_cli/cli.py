@@ -923,6 +923,9 @@ def bench(
         "tokens (e.g. 0,4096 adds tg128@d4096).")] = "0",
     repetitions: Annotated[int, typer.Option(
         "--repetitions", "-r", help="Timed runs per test, after one warm-up.")] = 5,
+    batch: Annotated[str, typer.Option(
+        "--batch", "-b", help="Sequences decoded together in tg tests, comma-separated "
+        "(e.g. 1,2,4,8: aggregate tok/s of each against 1).")] = "1",
     fmt: Annotated[BenchFormat, typer.Option(
         "--format", "-o", help="table, json, jsonl, csv or md.")] = BenchFormat.table,
     compare: Annotated[str | None, typer.Option(
@@ -952,12 +955,12 @@ def bench(
             gens=kbench.parse_counts(n_gen, "-n/--n-gen"),
             depths=kbench.parse_counts(n_depth, "-d/--n-depth"), repeats=repetitions,
             seed=seed, chunk=chunk, expert_cache=expert_cache, prefetch=not no_prefetch,
-            compare=compare)
+            compare=compare, batches=kbench.parse_counts(batch, "-b/--batch"))
         opts.validate()
         from .experts.cache import parse_cache_spec
 
         parse_cache_spec(expert_cache)  # before any measuring
-        kbench.plan_tests(opts.prompts, opts.gens, opts.depths)
+        kbench.plan_tests(opts.prompts, opts.gens, opts.depths, opts.batches)
         spec = resolve_model(model)
         from .model.scripted import PREFIX
 

@@ -155,12 +155,17 @@ class BatchDecoder:
             st.prompt_tokens = st.reused_tokens = len(prompt_ids)
         else:
             logits = None
-            for item in self.engine.prefill(prompt_ids, seq.stats):
-                if isinstance(item, PrefillProgress):
-                    if on_progress is not None:
-                        on_progress(item)
-                else:
-                    logits = item
+            try:
+                for item in self.engine.prefill(prompt_ids, seq.stats):
+                    if isinstance(item, PrefillProgress):
+                        if on_progress is not None:
+                            on_progress(item)
+                    else:
+                        logits = item
+            except BaseException:  # Ctrl-C mid-prefill: the engine's ids match its cache again
+                self._last = None
+                self.engine._sync_cache()
+                raise
             self._last = (list(prompt_ids), logits)
         y = sample(logits)
         seq.cache = [c.batched([c]) for c in self.engine.cache]  # a copy: the engine goes on
@@ -250,12 +255,13 @@ class BatchDecoder:
 
 def generate_batch(model, tokenizer, prompts: list[list[int]],
                    settings: list[SamplingSettings] | SamplingSettings | None = None,
-                   engine: Engine | None = None) -> Iterator[tuple[int, Event]]:
+                   engine: Engine | None = None, stop_ids: set[int] | None = None,
+                   ) -> Iterator[tuple[int, Event]]:
     """Decode `prompts` as one batch: yields (index into prompts, Token | Done) as they come."""
     if not isinstance(settings, list):
         settings = [settings or SamplingSettings()] * len(prompts)
     dec = BatchDecoder(model, tokenizer, engine)
-    index = {dec.add(p, s): i for i, (p, s) in enumerate(zip(prompts, settings))}
+    index = {dec.add(p, s, stop_ids): i for i, (p, s) in enumerate(zip(prompts, settings))}
     try:
         for uid, ev in dec.run():
             yield index[uid], ev

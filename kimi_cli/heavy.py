@@ -7,13 +7,14 @@ writes the answer with reasoning of its own. Ctrl-C stops every trajectory and k
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from . import config
 from .batch import BatchDecoder, check_batch_fits
 from .chat.heavy_prompt import aggregation_message
-from .chat.parser import End, OutputParser, ReasoningDelta, TextDelta, ToolCall
+from .chat.parser import OutputParser, ReasoningDelta, TextDelta, ToolCall
 from .chat.reply import Reply, generate_reply
 from .chat.template import render
 from .engine import Done, Engine, PrefillProgress, SamplingSettings, Stats, Token
@@ -45,7 +46,7 @@ class Trajectory:
         return {"index": self.index, "seed": self.seed, "text": self.content,
                 "reasoning": self.reasoning, "tokens": len(self.token_ids),
                 "finish_reason": self.finish_reason, "token_ids": self.token_ids,
-                "generation_tps": self.stats.generation_tps}
+                "tool_calls": self.tool_calls, "generation_tps": self.stats.generation_tps}
 
 
 @dataclass
@@ -75,8 +76,6 @@ def run_trajectories(engine: Engine, tokenizer, prompt_ids: list[int], seeds: li
                      ) -> tuple[list[Trajectory], float]:
     """Decode one trajectory per seed as one batch. Ctrl-C stops them all: the ones still
     running end "interrupted" with what they had. Returns them and the seconds of decoding."""
-    import time
-
     trajs = [Trajectory(i + 1, s) for i, s in enumerate(seeds)]
     parsers = [OutputParser(tokenizer) for _ in seeds]
     dec = BatchDecoder(engine.model, tokenizer, engine)
@@ -90,8 +89,6 @@ def run_trajectories(engine: Engine, tokenizer, prompt_ids: list[int], seeds: li
                 t.content += ev.text
             elif isinstance(ev, ToolCall):
                 t.tool_calls += 1
-            elif isinstance(ev, End):
-                pass
 
     def finish(t: Trajectory, done: Done) -> None:
         t.finish_reason = done.finish_reason

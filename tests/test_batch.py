@@ -62,7 +62,7 @@ def test_each_sequence_of_a_batch_decodes_as_it_does_alone(loaded, prompts):
     model, tok = loaded
     settings = [greedy(6 + 5 * i) for i in range(len(prompts))]  # finish at different steps
     ref = [single(model, tok, p, s) for p, s in zip(prompts, settings)]
-    tokens, done = collect(generate_batch(model, tok, prompts, settings))
+    tokens, done = collect(generate_batch(model, tok, prompts, settings, stop_ids=set()))
     for i, r in enumerate(ref):
         assert tokens[i] == r.token_ids == done[i].token_ids
         assert done[i].finish_reason == "length"
@@ -88,10 +88,10 @@ def test_a_sequence_joining_a_running_batch_decodes_as_it_does_alone(loaded, pro
     ref = [single(model, tok, p, greedy(10)) for p in prompts]
     dec = BatchDecoder(model, tok)
     events = []
-    first = [dec.add(p, greedy(10)) for p in prompts[:2]]
+    first = [dec.add(p, greedy(10), set()) for p in prompts[:2]]
     for _ in range(4):
         events += dec.step()
-    late = [dec.add(p, greedy(10)) for p in prompts[2:]]
+    late = [dec.add(p, greedy(10), set()) for p in prompts[2:]]
     events += list(dec.run())
     tokens, done = collect(events)
     for uid, r in zip(first + late, ref):
@@ -102,7 +102,7 @@ def test_a_cancelled_sequence_leaves_and_the_rest_decode_exactly(loaded, prompts
     model, tok = loaded
     ref = [single(model, tok, p, greedy(10)) for p in prompts]
     dec = BatchDecoder(model, tok)
-    uids = [dec.add(p, greedy(10)) for p in prompts]
+    uids = [dec.add(p, greedy(10), set()) for p in prompts]
     events = dec.step() + dec.step()
     cancelled = dec.cancel(uids[0])
     assert cancelled.finish_reason == "interrupted"
@@ -143,16 +143,17 @@ def test_batched_logits_equal_batch_one_logits_within_tolerance(loaded, prompts)
         assert err <= LOGIT_RTOL * mx.abs(r).max().item(), f"row {i}: {err}"
 
 
-def test_seeded_sampling_draws_what_the_engine_draws_with_that_seed(loaded, prompts):
+def test_each_sequence_samples_as_the_engine_does_with_its_own_settings_and_seed(loaded, prompts):
     model, tok = loaded
-    settings = [SamplingSettings(temperature=1.0, max_tokens=10, seed=100 + i)
-                for i in range(len(prompts))]
+    filters = [{}, {"top_k": 20}, {"top_p": 0.8}, {"min_p": 0.05, "temperature": 0.7}]
+    settings = [SamplingSettings(**{"temperature": 1.0, "max_tokens": 10, "seed": 100 + i, **f})
+                for i, f in enumerate(filters)]
     ref = [single(model, tok, p, s) for p, s in zip(prompts, settings)]
-    tokens, _ = collect(generate_batch(model, tok, prompts, settings))
+    tokens, _ = collect(generate_batch(model, tok, prompts, settings, stop_ids=set()))
     for i, r in enumerate(ref):
         assert tokens[i] == r.token_ids
     same_prompt = [prompts[0]] * 3
-    tokens, _ = collect(generate_batch(model, tok, same_prompt, settings[:3]))
+    tokens, _ = collect(generate_batch(model, tok, same_prompt, settings[:3], stop_ids=set()))
     assert len({tuple(t) for t in tokens.values()}) > 1  # own seeds: own trajectories
 
 
@@ -208,7 +209,7 @@ def test_a_batch_through_the_expert_cache_decodes_as_resident(loaded, tiny_pack,
     ref = [single(model, tok, p, greedy(8)) for p in prompts]
     streamed, stok = load_streaming(tiny_pack, 4)
     reads = record_reads(streamed.expert_cache)
-    tokens, _ = collect(generate_batch(streamed, stok, prompts, greedy(8)))
+    tokens, _ = collect(generate_batch(streamed, stok, prompts, greedy(8), stop_ids=set()))
     for i, r in enumerate(ref):
         assert tokens[i] == r.token_ids
     assert reads, "the budget should make the batch miss"
@@ -220,7 +221,7 @@ def test_a_batch_through_the_expert_cache_decodes_as_resident(loaded, tiny_pack,
 def test_identical_sequences_read_what_one_reads_alone(tiny_pack, prompts):
     def bytes_read(n: int) -> tuple[int, int]:
         model, tok = load_streaming(tiny_pack, 3)
-        collect(generate_batch(model, tok, [prompts[1]] * n, greedy(8)))
+        collect(generate_batch(model, tok, [prompts[1]] * n, greedy(8), stop_ids=set()))
         t = model.expert_cache.stats.total()
         model.expert_cache.close()
         return t.misses, t.bytes_read
@@ -238,5 +239,5 @@ def test_a_batch_wide_enough_to_sort_its_expert_rows_decodes_exactly(loaded):
     n = SORT_MIN_ROWS // model.args.num_experts_per_tok + 1
     prompts = [tok.encode(" ".join(words[i : i + 2 + i % 5])) for i in range(n)]
     ref = [single(model, tok, p, greedy(4)) for p in prompts]
-    tokens, _ = collect(generate_batch(model, tok, prompts, greedy(4)))
+    tokens, _ = collect(generate_batch(model, tok, prompts, greedy(4), stop_ids=set()))
     assert [tokens[i] for i in range(n)] == [r.token_ids for r in ref]

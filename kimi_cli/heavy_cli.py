@@ -62,8 +62,12 @@ def run_heavy_command(mdl, tok, question: str, system: str | None, settings: Sam
         out.flush()
 
     sent: set[int] = set()
+    table_up: list[bool] = []
 
     def on_update(trajs) -> None:
+        if not table_up and renderer is not None:
+            renderer.finish("stop")  # the prompt's progress gives way to the trajectories
+        table_up.append(True)
         view.update(trajs)
         if fmt != "jsonl":
             return
@@ -73,7 +77,7 @@ def run_heavy_command(mdl, tok, question: str, system: str | None, settings: Sam
                 emit({"type": "trajectory", **t.to_dict()})
 
     def on_progress(p: PrefillProgress) -> None:
-        if renderer is not None and not view.live_ok:
+        if renderer is not None:
             renderer.progress(p.processed, p.total)
 
     def on_aggregate() -> None:

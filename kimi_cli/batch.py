@@ -168,8 +168,10 @@ class BatchDecoder:
                 raise
             self._last = (list(prompt_ids), logits)
         y = sample(logits)
-        seq.cache = [c.batched([c]) for c in self.engine.cache]  # a copy: the engine goes on
-        mx.eval(y, [c.state for c in seq.cache])
+        # The engine's KV as it is now (arrays are values: later prefills do not change it);
+        # copied once, when the sequence joins the batch.
+        seq.cache = [c.batched([c]) for c in self.engine.cache]
+        mx.eval(y)
         seq.t_first = time.perf_counter()
         seq.stats.prompt_time = seq.stats.ttft = seq.t_first - seq.t0
         if not self._take(seq, y.item(), self._outbox):
@@ -180,15 +182,16 @@ class BatchDecoder:
         """Join the sequences added since the last step, run one forward pass over the batch,
         sample each row; finished rows leave. Returns the events in order."""
         events, self._outbox = self._outbox, []
-        for seq in self._joining:
+        if self._joining:  # all at once: each layer's batch buffer is copied once
+            joining, self._joining = self._joining, []
             if self.cache is None:
-                self.cache = seq.cache
-            else:
-                for mine, theirs in zip(self.cache, seq.cache):
-                    mine.extend(theirs)
-            seq.cache = None
-            self.rows.append(seq)
-        self._joining = []
+                self.cache, joining[0].cache = joining[0].cache, None
+            for mine, *theirs in zip(self.cache, *(s.cache for s in joining if s.cache)):
+                if theirs:
+                    mine.extend(*theirs)
+            for seq in joining:
+                seq.cache = None
+            self.rows += joining
         if not self.rows:
             return events
         ids = mx.array([[s.token_ids[-1]] for s in self.rows])

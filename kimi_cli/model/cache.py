@@ -163,21 +163,22 @@ class BatchLatentCache:
                 self.latent = self.latent[..., self.idx - new_idx : self.idx, :]
         self.idx = new_idx
 
-    def extend(self, other: BatchLatentCache) -> None:
-        """Append `other`'s rows, right-justifying both at the longer of the two."""
-        T = max(self.idx, other.idx)
-
-        def cols(c: BatchLatentCache, like: mx.array) -> mx.array:
-            B = c.batch_size
-            if c.latent is None:
-                return mx.zeros((B, like.shape[1], T, like.shape[3]), like.dtype)
-            x = c.latent[..., : c.idx, :]
-            return mx.pad(x, [(0, 0), (0, 0), (T - c.idx, 0), (0, 0)])
-
-        like = self.latent if self.latent is not None else other.latent
+    def extend(self, *others: BatchLatentCache) -> None:
+        """Append the rows of `others`, all right-justified at the longest: one copy."""
+        parts = [self, *others]
+        T = max(c.idx for c in parts)
+        like = next((c.latent for c in parts if c.latent is not None), None)
         if like is not None:
-            self.latent = mx.concatenate([cols(self, like), cols(other, like)], axis=0)
-        self.lengths = self.lengths + other.lengths
+            rows = []
+            for c in parts:
+                if c.latent is None:
+                    rows.append(mx.zeros((c.batch_size, like.shape[1], T, like.shape[3]),
+                                         like.dtype))
+                else:
+                    rows.append(mx.pad(c.latent[..., : c.idx, :],
+                                       [(0, 0), (0, 0), (T - c.idx, 0), (0, 0)]))
+            self.latent = mx.concatenate(rows, axis=0)
+        self.lengths = [n for c in parts for n in c.lengths]
         self.idx = T
 
     @property

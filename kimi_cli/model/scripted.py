@@ -55,9 +55,10 @@ class BatchScriptedCache:
         self.lengths = [self.lengths[i] for i in keep]
         self.queues = [self.queues[i] for i in keep]
 
-    def extend(self, other: BatchScriptedCache) -> None:
-        self.lengths += other.lengths
-        self.queues += other.queues
+    def extend(self, *others: BatchScriptedCache) -> None:
+        for other in others:
+            self.lengths += other.lengths
+            self.queues += other.queues
 
     @property
     def state(self):

@@ -251,3 +251,30 @@ def test_chat_heavy_answers_the_next_message_with_an_aggregate_then_turns_go_bac
                                                "Normal again."]
     assert [t["text"] for t in replies[1]["heavy"]["trajectories"]] == ["one.", "two."]
     assert "heavy" not in replies[2]
+
+
+def test_ctrl_c_in_jsonl_sends_every_trajectory_as_it_stands_then_done(tmp_path, env):
+    import signal
+
+    words = " ".join(f"w{i}" for i in range(300))
+    outputs = ["Done early.<|im_end|>", f"<think>{words}</think>never",
+               f"<think>{words}</think>never", AGGREGATE]
+    proc = subprocess.Popen([*KIMI, "run", "--trajectories", "3", "-m",
+                             script(tmp_path, outputs, rate=40), "-f", "jsonl", QUESTION],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())  # the short trajectory has finished
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    events = [first] + [json.loads(line) for line in rest.splitlines()]
+    assert [e["type"] for e in events] == ["trajectory"] * 3 + ["done"]
+    assert (first["index"], first["text"], first["finish_reason"]) == (1, "Done early.", "stop")
+    assert [e["finish_reason"] for e in events[1:3]] == ["interrupted"] * 2
+    assert all(0 < e["tokens"] < 500 for e in events[1:3])
+    assert events[-1] == {"type": "done", "finish_reason": "interrupted"}

@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 
 from .. import config
+from ..chat.template import render
 from ..heavy import run_heavy
 from .commands import CommandError
 from .heavy_view import HeavyView
@@ -20,8 +21,6 @@ from .term import is_tty, no_echo
 def run_heavy_turn(app, n: int) -> None:
     messages = app.session.prompt_messages()
     tok = app.tokenizer
-    from ..chat.template import render
-
     used = len(tok.encode(render(messages, template=tok.chat_template)))
     room = config.CONTEXT_LENGTH - used
     if room <= 0:

@@ -200,10 +200,12 @@ class Test:
     kind: str  # "pp" (prompt processing) or "tg" (text generation)
     tokens: int
     depth: int = 0
+    batch: int = 1  # tg: sequences decoded together (tokens each)
 
     @property
     def name(self) -> str:
-        return f"{self.kind}{self.tokens}" + (f"@d{self.depth}" if self.depth else "")
+        return (f"{self.kind}{self.tokens}" + (f"@d{self.depth}" if self.depth else "")
+                + (f"x{self.batch}" if self.batch > 1 else ""))
 
     @property
     def mean_depth(self) -> float:
@@ -233,12 +235,14 @@ def parse_counts(text: str, flag: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def plan_tests(prompts: list[int], gens: list[int], depths: list[int]) -> list[Test]:
-    """llama-bench's order: per depth, the pp tests then the tg tests; a size of 0 is skipped."""
+def plan_tests(prompts: list[int], gens: list[int], depths: list[int],
+               batches: list[int] | None = None) -> list[Test]:
+    """llama-bench's order: per depth, the pp tests then the tg tests (each at every batch
+    size); a size of 0 is skipped."""
     tests = []
     for d in depths:
         tests += [Test("pp", p, d) for p in prompts if p > 0]
-        tests += [Test("tg", n, d) for n in gens if n > 0]
+        tests += [Test("tg", n, d, b) for n in gens if n > 0 for b in batches or [1]]
     if not tests:
         raise UsageError("no tests to run: every -p and -n value is 0")
     return tests
@@ -255,8 +259,11 @@ class BenchOptions:
     expert_cache: str | None = None
     prefetch: bool = True
     compare: str | None = None
+    batches: list[int] = field(default_factory=lambda: [1])
 
     def validate(self) -> None:
+        if min(self.batches) < 1:
+            raise UsageError("-b/--batch: batch sizes must be at least 1")
         if self.repeats < 1:
             raise UsageError("-r/--repetitions must be at least 1")
         if self.chunk < 1:
@@ -274,6 +281,7 @@ class Contender:
     dtype: str
     weight_bytes: dict = field(default_factory=dict)
     kv_per_token: float = 0.0
+    top_k_experts: tuple[int, int] = (1, 1)  # (top_k, routed experts per layer)
 
 
 @dataclass
@@ -324,6 +332,36 @@ def _run_tg(model, cache: list, first: int, n: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), ttft
 
 
+def _run_tg_batch(model, cache: list, firsts: list[int], n: int) -> tuple[float, float]:
+    """n greedy steps of a batch, pipelined as `_run_tg`: (tokens/s over all rows, latency of
+    the first step)."""
+
+    def step(y: mx.array) -> mx.array:
+        return mx.argmax(model(y, cache=cache)[:, -1, :], axis=-1)[:, None]
+
+    y = mx.array(firsts)[:, None]
+    mx.eval(y)
+    t0 = time.perf_counter()
+    y = step(y)
+    mx.async_eval(y)
+    ttft = 0.0
+    for i in range(n):
+        nxt = None
+        if i + 1 < n:
+            nxt = step(y)
+            mx.async_eval(nxt)
+        y.tolist()
+        if i == 0:
+            ttft = time.perf_counter() - t0
+        y = nxt
+    return len(firsts) * n / (time.perf_counter() - t0), ttft
+
+
+def _batch_cache(single: list, rows: int) -> list:
+    """`rows` copies of one sequence's cache as one batch (every row at the same depth)."""
+    return [type(c).batched([c] * rows) for c in single]
+
+
 def _trim_to(cache: list, n: int) -> bool:
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
@@ -343,7 +381,8 @@ def measure(c: Contender, test: Test, rng_seed: int, vocab: int, repeats: int, c
     rng = np.random.default_rng([rng_seed, test.depth])
     depth_ids = rng.integers(0, vocab, size=test.depth).tolist()
     rng = np.random.default_rng([rng_seed, test.depth, test.tokens])
-    prompt = rng.integers(0, vocab, size=test.tokens if test.kind == "pp" else 1).tolist()
+    prompt = rng.integers(0, vocab, size=test.tokens if test.kind == "pp" else
+                          test.batch).tolist()
     model = c.model
     expert_cache = getattr(model, "expert_cache", None)
     out = Measured()
@@ -356,6 +395,9 @@ def measure(c: Contender, test: Test, rng_seed: int, vocab: int, repeats: int, c
         before = _cache_totals(expert_cache) if expert_cache is not None else None
         if test.kind == "pp":
             tps, ttft = _run_pp(model, cache, prompt, chunk)
+        elif test.batch > 1:
+            tps, ttft = _run_tg_batch(model, _batch_cache(cache, test.batch), prompt,
+                                      test.tokens)
         else:
             tps, ttft = _run_tg(model, cache, prompt[0], test.tokens)
         if r == 0:
@@ -471,7 +513,7 @@ def run_bench(path: Path, name: str, opts: BenchOptions,
     from .experts.pack import is_pack_dir
 
     opts.validate()
-    tests = plan_tests(opts.prompts, opts.gens, opts.depths)
+    tests = plan_tests(opts.prompts, opts.gens, opts.depths, opts.batches)
     args = check_config(read_json(path / "config.json"), path / "config.json")
     if opts.compare == "mlx-lm":
         check_mlx_lm_fits(path)
@@ -487,6 +529,7 @@ def run_bench(path: Path, name: str, opts: BenchOptions,
                   "experts": args.n_routed_experts, "experts_per_token": args.num_experts_per_tok},
         "settings": {"repeats": opts.repeats, "prefill_chunk": opts.chunk, "seed": opts.seed,
                      "expert_cache": opts.expert_cache, "compare": opts.compare,
+                     "batches": opts.batches,
                      "prompt_tokens": "random ordinary tokens (no special ids: EOS never "
                                       "sampled as input); greedy decode, no stop token"},
         "contenders": {},
@@ -502,7 +545,10 @@ def run_bench(path: Path, name: str, opts: BenchOptions,
         load_s = time.perf_counter() - t0
         c.weight_bytes = weight_bytes_per_token(c.model, args.num_experts_per_tok,
                                                 args.n_routed_experts)
+        c.top_k_experts = (args.num_experts_per_tok, args.n_routed_experts)
         for test in tests:
+            if test.batch > 1 and c.name != "kimi":
+                continue  # batches run on our latent cache only
             mx.clear_cache()
             mx.reset_peak_memory()
             m = measure(c, test, opts.seed, vocab, opts.repeats, opts.chunk, log)
@@ -520,7 +566,25 @@ def run_bench(path: Path, name: str, opts: BenchOptions,
         _release(c)
     if opts.compare:
         _add_ratios(report)
+    _add_batch_ratios(report)
     return report
+
+
+def _add_batch_ratios(report: dict) -> None:
+    """Each batched tg row against the same test at batch 1: aggregate speed-up."""
+    single = {(r["engine"], r["n_gen"], r["n_depth"]): r for r in report["results"]
+              if r["n_gen"] and r["n_batch"] == 1}
+    for r in report["results"]:
+        if r["n_batch"] == 1:
+            continue
+        base = single.get((r["engine"], r["n_gen"], r["n_depth"])) if r["n_gen"] else None
+        if base is not None and base["tps_mean"] > 0:
+            r["vs_b1"] = r["tps_mean"] / base["tps_mean"]
+
+
+def distinct_experts(batch: int, top_k: int, n_experts: int) -> float:
+    """Expected distinct experts a layer reads for `batch` tokens, were routing uniform."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** batch)
 
 
 def _result(c: Contender, test: Test, m: Measured, bw_gbps: float, peak_gb: float) -> dict:
@@ -531,7 +595,9 @@ def _result(c: Contender, test: Test, m: Measured, bw_gbps: float, peak_gb: floa
         "n_prompt": test.tokens if test.kind == "pp" else 0,
         "n_gen": test.tokens if test.kind == "tg" else 0,
         "n_depth": test.depth,
+        "n_batch": test.batch,
         "tps_mean": mean,
+        "tps_per_sequence": mean / test.batch,
         "tps_std": statistics.stdev(m.tps) if len(m.tps) > 1 else 0.0,
         "samples_tps": m.tps,
         "repeats": len(m.tps),
@@ -546,6 +612,14 @@ def _result(c: Contender, test: Test, m: Measured, bw_gbps: float, peak_gb: floa
         touched = c.weight_bytes["total"] + c.kv_per_token * test.mean_depth
         floor = decode_floor_tps(c.weight_bytes["total"], c.kv_per_token, test.mean_depth,
                                  bw_gbps)
+        if test.batch > 1:  # one step reads the weights once for all rows: per token, a share
+            w = c.weight_bytes
+            k, E = c.top_k_experts
+            experts = w["routed_experts"] / k * distinct_experts(test.batch, k, E)
+            step = (w["dense"] + experts + test.batch * (w["embedding_row"]
+                    + c.kv_per_token * test.mean_depth))
+            touched = step / test.batch
+            floor = test.batch * bw_gbps * 1e9 / step
         row.update(bytes_per_token=touched, floor_tps=floor, achieved_over_floor=mean / floor)
     if m.cache_stats is not None:
         row["expert_cache"] = m.cache_stats.to_dict(per_layer=False)
@@ -587,6 +661,10 @@ def _columns(report: dict) -> list[tuple[str, Callable[[dict], str]]]:
     ]
     if report["settings"]["compare"]:
         cols.append(("vs mlx-lm", lambda r: _opt(r.get("vs_mlx_lm"), ".2f", "x")))
+    if any(r.get("n_batch", 1) > 1 for r in report["results"]):
+        cols.insert(3, ("t/s per seq", lambda r: f"{r['tps_per_sequence']:.2f}"))
+        cols.append(("vs b1", lambda r: _opt(r.get("vs_b1") if r["n_batch"] > 1 else None,
+                                             ".2f", "x")))
     if any("expert_cache" in r for r in report["results"]):
         cols.append(("hit rate", lambda r: _opt(r.get("expert_cache", {}).get("hit_rate"),
                                                  ".1%")))
@@ -617,7 +695,10 @@ def summary_lines(report: dict) -> list[str]:
             f"experts) + {c['kv_bytes_per_token'] / 1e3:.1f} KB per token of context -> "
             f"at most {c['decode_floor_tps_at_d0']:.1f} tok/s at depth 0")
     lines.append(f"{s['repeats']} repeats after a warm-up; mean ± stddev; "
-                 "floor = bandwidth / bytes read per decode token at the test's mean depth")
+                 "floor = bandwidth / bytes read per decode token at the test's mean depth"
+                 + ("; tgNxB: B sequences decoding together, t/s over all of them, the floor "
+                    "with the experts of uniform routing" if max(s.get("batches") or [1]) > 1
+                    else ""))
     return lines
 
 
@@ -653,7 +734,8 @@ def render_md(report: dict, out: IO) -> None:
         out.write(line + "\n\n")
 
 
-CSV_FIELDS = ("engine", "test", "n_prompt", "n_gen", "n_depth", "repeats", "tps_mean", "tps_std",
+CSV_FIELDS = ("engine", "test", "n_prompt", "n_gen", "n_depth", "n_batch", "repeats", "tps_mean",
+              "tps_std", "tps_per_sequence", "vs_b1",
               "ttft_ms", "peak_memory_gb", "dtype", "bytes_per_token", "floor_tps",
               "achieved_over_floor", "vs_mlx_lm", "expert_cache_hit_rate",
               "expert_cache_gb_read_per_token", "chip", "backend", "mlx",

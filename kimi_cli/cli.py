@@ -242,6 +242,12 @@ def run(
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
+    heavy: Annotated[bool, typer.Option(
+        "--heavy", help="Heavy mode: several trajectories of the prompt decoded as one batch "
+        "(each with its own seed), then an aggregation turn that reads their answers.")] = False,
+    trajectories: Annotated[int | None, typer.Option(
+        "--trajectories", help=f"Heavy mode: how many trajectories (default "
+        f"{config.HEAVY_TRAJECTORIES}); implies --heavy.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
@@ -261,6 +267,7 @@ def run(
         settings.validate()
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
+        n_heavy = _heavy_count(heavy, trajectories, agent, raw)
         text = read_prompt(prompt)
         think_mode = _think_mode(think, hide_reasoning)
         spec = resolve_model(model)
@@ -289,7 +296,7 @@ def run(
             notes: list[str] = []  # printed after the spinner, not through it
             with _loading(path, quiet or fmt != Format.text, color):
                 mdl, tok = load(path, expert_cache=expert_cache, prefetch=not no_prefetch,
-                                pinned=pinned, log=notes.append)
+                                pinned=pinned, log=notes.append, kv_sequences=max(1, n_heavy))
             for note in notes if not quiet else []:
                 _err(note)
         if agent_opts is not None:
@@ -307,6 +314,12 @@ def run(
         if print_prompt:
             _print_prompt(prompt_text)
             return
+        if n_heavy:
+            from .heavy_cli import run_heavy_command
+
+            run_heavy_command(mdl, tok, text, system, settings, n_heavy, fmt.value, spec,
+                              think_mode, quiet, color.value)
+            return
         ids = tok.encode(prompt_text)
         _generate(mdl, tok, ids, settings, fmt, spec, raw=raw, think=think_mode, quiet=quiet,
                   color=color)
@@ -315,6 +328,21 @@ def run(
                 raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
             save_expert_profile.write_text(json.dumps(
                 {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
+
+
+def _heavy_count(heavy: bool, trajectories: int | None, agent: bool, raw: bool) -> int:
+    """Trajectories of a heavy run (0: not one). `--heavy` is a flag and the count its own
+    option, since an optional value would swallow the PROMPT after it."""
+    if trajectories is None and not heavy:
+        return 0
+    n = config.HEAVY_TRAJECTORIES if trajectories is None else trajectories
+    if n < 1:
+        raise UsageError("--trajectories must be >= 1")
+    if agent:
+        raise UsageError("--heavy does not combine with --agent")
+    if raw:
+        raise UsageError("--heavy needs the chat template (drop --raw)")
+    return n
 
 
 def _check_expert_cache(value: str | None) -> None:
@@ -1009,6 +1037,9 @@ def bench(
         "tokens (e.g. 0,4096 adds tg128@d4096).")] = "0",
     repetitions: Annotated[int, typer.Option(
         "--repetitions", "-r", help="Timed runs per test, after one warm-up.")] = 5,
+    batch: Annotated[str, typer.Option(
+        "--batch", "-b", help="Sequences decoded together in tg tests, comma-separated "
+        "(e.g. 1,2,4,8: aggregate tok/s of each against 1).")] = "1",
     fmt: Annotated[BenchFormat, typer.Option(
         "--format", "-o", help="table, json, jsonl, csv or md.")] = BenchFormat.table,
     compare: Annotated[str | None, typer.Option(
@@ -1038,12 +1069,12 @@ def bench(
             gens=kbench.parse_counts(n_gen, "-n/--n-gen"),
             depths=kbench.parse_counts(n_depth, "-d/--n-depth"), repeats=repetitions,
             seed=seed, chunk=chunk, expert_cache=expert_cache, prefetch=not no_prefetch,
-            compare=compare)
+            compare=compare, batches=kbench.parse_counts(batch, "-b/--batch"))
         opts.validate()
         from .experts.cache import parse_cache_spec
 
         parse_cache_spec(expert_cache)  # before any measuring
-        kbench.plan_tests(opts.prompts, opts.gens, opts.depths)
+        kbench.plan_tests(opts.prompts, opts.gens, opts.depths, opts.batches)
         spec = resolve_model(model)
         from .model.scripted import PREFIX
 
@@ -1149,6 +1180,9 @@ def info(
         "expert pack, else 5).")] = None,
     fmt: Annotated[InfoFormat, typer.Option("--format", "-f", help="text or json.")] = (
         InfoFormat.text),
+    trajectories: Annotated[int, typer.Option(
+        "--trajectories", help="Sequences decoded together (kimi run --heavy) to size the KV "
+        "cache for.")] = config.HEAVY_TRAJECTORIES,
     debug: DebugOpt = False,
 ) -> None:
     """What a model is, which files are here, and whether it fits this machine."""
@@ -1160,7 +1194,8 @@ def info(
         _check_expert_cache(expert_cache)
         spec = str(model_dir(model, quiet=True)) if model == DEMO_NAME else model
         report = model_info(spec, context=context, expert_cache=expert_cache,
-                            bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps)
+                            bandwidth_gbps=bandwidth, ssd_gbps=ssd_gbps,
+                            trajectories=trajectories)
         (render_json if fmt == InfoFormat.json else render_text)(report, sys.stdout)
         sys.stdout.flush()
 

@@ -24,6 +24,8 @@ SEED_MAX = 2**64 - 1  # MLX seeds are unsigned 64-bit
 FIT_CONTEXT = 32768
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512
+# Heavy mode (kimi run --heavy): trajectories rolled out together, as in the model card.
+HEAVY_TRAJECTORIES = 8
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 

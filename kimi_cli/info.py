@@ -375,6 +375,30 @@ def fit(args: ModelArgs, context: int = DEFAULT_CONTEXT, expert_cache: str | Non
     return out
 
 
+def batch_fit(args: ModelArgs, fit_: dict, sequences: int) -> dict:
+    """What a batch of `sequences` (heavy mode's trajectories) costs at the fit's context: their
+    KV cache, and what the automatic expert cache budget keeps beside it."""
+    from .bench import compute_dtype
+    from .experts.cache import default_budget, plan_slots
+
+    kv = sequences * fit_["kv_bytes"]
+    out = {"sequences": sequences, "context": fit_["context"], "kv_bytes": kv,
+           "kv_bytes_per_sequence": fit_["kv_bytes"]}
+    memory = fit_["machine"]["memory_gb"] * 1e9
+    if fit_["resident_bytes"] + kv >= memory:
+        return {**out, "fits": False, "reason": f"with the resident weights it exceeds this "
+                f"machine's {_b(memory)}"}
+    budget = default_budget(args, fit_["resident_bytes"], kv)
+    try:
+        slots = plan_slots(args, budget, compute_dtype(), None)
+    except KimiError as e:
+        return {**out, "fits": False, "reason": str(e)}
+    E = args.n_routed_experts
+    per_layer = min(slots.values()) if slots else E
+    return {**out, "fits": True, "auto_expert_cache_budget": budget,
+            "auto_experts_per_layer": per_layer}
+
+
 def _pack_expert_bytes(pack_dir: Path) -> int:
     try:
         meta = read_json(pack_dir / "pack.json")
@@ -388,11 +412,16 @@ def _pack_expert_bytes(pack_dir: Path) -> int:
 
 
 def info(spec: str, context: int = DEFAULT_CONTEXT, expert_cache: str | None = None,
-         bandwidth_gbps: float | None = None, ssd_gbps: float | None = None) -> dict:
+         bandwidth_gbps: float | None = None, ssd_gbps: float | None = None,
+         trajectories: int = config.HEAVY_TRAJECTORIES) -> dict:
     if context < 1:
         from .errors import UsageError
 
         raise UsageError("--context must be at least 1")
+    if trajectories < 1:
+        from .errors import UsageError
+
+        raise UsageError("--trajectories must be at least 1")
     loc = locate(spec)
     config_path = loc.path / "config.json"
     config = read_json(config_path)
@@ -406,7 +435,8 @@ def info(spec: str, context: int = DEFAULT_CONTEXT, expert_cache: str | None = N
         "architecture": architecture(config, args),
         "files": files,
         "pack": pack,
-        "fit": fit(args, context, expert_cache, bandwidth_gbps, ssd_gbps, pack_dir),
+        "fit": (f := fit(args, context, expert_cache, bandwidth_gbps, ssd_gbps, pack_dir)),
+        "batch": batch_fit(args, f, trajectories),
     }
 
 
@@ -475,6 +505,12 @@ def render_text(report: dict, out: IO) -> None:
                  f"{fit_['dtype']})")
     lines.append(f"  KV cache      {_b(fit_['kv_bytes'])} at {fit_['context']} tokens "
                  f"({_b(fit_['kv_bytes_per_token'])} per token)")
+    b = report["batch"]
+    lines.append(f"  batch of {b['sequences']:<4} {_b(b['kv_bytes'])} of KV cache at "
+                 f"{b['context']} tokens each (--trajectories {b['sequences']}): "
+                 + (f"the automatic expert cache keeps {b['auto_experts_per_layer']} of "
+                    f"{a['routed_experts']} experts per layer beside it" if b["fits"]
+                    else f"does not fit ({b['reason']})"))
     if not fit_.get("fits"):
         lines.append(f"  does not fit  {fit_['reason']}")
     elif fit_["streamed"]:

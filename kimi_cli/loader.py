@@ -31,7 +31,7 @@ def default_dtype() -> mx.Dtype:
 def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool = False,
          expert_cache: str | int | None = None, prefetch: bool = True,
          read_threads: int = 4, pinned: dict[int, list[int]] | None = None,
-         log: Callable[[str], None] | None = None,
+         log: Callable[[str], None] | None = None, kv_sequences: int = 1,
          ) -> tuple[Model, Tokenizer]:
     """Load a release directory, an expert pack (`kimi convert`) or a Hub repo id in the HF cache.
 
@@ -40,7 +40,8 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     cache: from the release's own shards, or from the pack when `path` is one. "auto" streams
     only when the resident model would not fit in memory. `log` gets one line saying what the
     cache holds when it streams. `pinned` keeps experts a profiling run found hot
-    (`ExpertCache.profile()`) in their slots.
+    (`ExpertCache.profile()`) in their slots. `kv_sequences`: sequences decoded together
+    (heavy mode), whose KV cache the automatic expert budget leaves room for.
     """
     from .experts.pack import is_pack_dir, open_pack
     from .experts.release import ReleaseSource
@@ -54,7 +55,7 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     if tokenizer.vocab_size > ckpt.args.vocab_size:
         raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {ckpt.args.vocab_size}")
-    plan = plan_cache(ckpt, expert_cache, dtype)
+    plan = plan_cache(ckpt, expert_cache, dtype, kv_sequences)
     source = None
     if plan.slots:
         source = pack if pack is not None else ReleaseSource(ckpt, sorted(plan.slots))
@@ -71,7 +72,8 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     return model, tokenizer
 
 
-def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype):
+def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype,
+               kv_sequences: int = 1):
     """The expert cache plan for this checkpoint (an `experts.cache.CachePlan`)."""
     from .experts.cache import make_plan
 
@@ -79,7 +81,7 @@ def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype):
     resident = sum(t.nbytes * (1 if t.dtype == "F32" else max(1, dtype.size // 2))
                    for t in ckpt.tensors.values() if ".mlp.experts." not in t.name)
     kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
-    return make_plan(args, spec, dtype, resident, kv * dtype.size)
+    return make_plan(args, spec, dtype, resident, kv * dtype.size * kv_sequences)
 
 
 class _Shards:

@@ -146,3 +146,30 @@ def test_bad_flags_are_usage_errors(tiny_ckpt, env, args):
     r = kimi("bench", "-m", str(tiny_ckpt), *args, env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("kimi: error:")
+
+
+def test_batch_sizes_add_one_tg_row_each_against_batch_one(tiny_ckpt, env):
+    r = kimi("bench", "-m", str(tiny_ckpt), "-p", "8", "-n", "4", "-d", "0,16", "-b", "1,2,4",
+             "-r", "1", "--bandwidth", "10", "--compare", "mlx-lm", "-o", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    ours = [x for x in report["results"] if x["engine"] == "kimi"]
+    assert [x["test"] for x in ours] == ["pp8", "tg4", "tg4x2", "tg4x4", "pp8@d16", "tg4@d16",
+                                         "tg4@d16x2", "tg4@d16x4"]
+    theirs = [x["test"] for x in report["results"] if x["engine"] == "mlx-lm"]
+    assert theirs == ["pp8", "tg4", "pp8@d16", "tg4@d16"]  # batches: our cache only
+    by = {x["test"]: x for x in ours}
+    for name, b in (("tg4x2", 2), ("tg4@d16x4", 4)):
+        row = by[name]
+        assert row["n_batch"] == b and row["n_gen"] == 4
+        assert row["tps_per_sequence"] == pytest.approx(row["tps_mean"] / b)
+        base = by[name.split("x")[0]]
+        assert row["vs_b1"] == pytest.approx(row["tps_mean"] / base["tps_mean"])
+        # The weights are read once per step for all rows: fewer bytes per token than alone.
+        assert row["bytes_per_token"] < base["bytes_per_token"]
+    assert "vs_b1" not in by["tg4"]
+
+
+def test_a_batch_size_below_one_is_a_usage_error(tiny_ckpt, env):
+    r = kimi("bench", "-m", str(tiny_ckpt), "-b", "0", env=env)
+    assert r.returncode == 2 and r.stderr.startswith("kimi: error: -b/--batch")

@@ -216,3 +216,23 @@ def test_unreachable_hub_is_one_line_without_retries(tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith("kimi: error: cannot reach the Hub"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1  # no "Retrying in 8s" lines before it
+
+
+def test_fit_says_what_a_batch_of_trajectories_costs(release_metadata_only):
+    env = home_env(release_metadata_only, HF_HUB_OFFLINE="1")
+    r = kimi("info", RELEASE, "--context", "16384", "--trajectories", "4", "--bandwidth", "800",
+             "--ssd-gbps", "6", "--format", "json", env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    batch, fit = report["batch"], report["fit"]
+    # MLA: 576 latent values per token and layer, 61 layers, for each of the 4 sequences.
+    assert batch["kv_bytes_per_sequence"] == 576 * 61 * DTYPE_SIZES["F32" if fit["dtype"] ==
+                                                                    "float32" else "BF16"] * 16384
+    assert batch["kv_bytes"] == 4 * batch["kv_bytes_per_sequence"]
+    assert (batch["sequences"], batch["context"]) == (4, 16384)
+    huge = kimi("info", RELEASE, "--context", "262144", "--trajectories", "100000",
+                "--bandwidth", "800", "--ssd-gbps", "6", env=env)
+    assert huge.returncode == 0, huge.stderr
+    line = next(x for x in huge.stdout.splitlines() if "batch of 100000" in x)
+    assert "of KV cache at 262144 tokens each" in line and "does not fit" in line
+    assert kimi("info", RELEASE, "--trajectories", "0", env=env).returncode == 2

@@ -34,10 +34,15 @@ def yarn_softmax_scale(args: ModelArgs) -> float:
 SCORE_BUDGET_BYTES = 256 << 20
 
 
-def attend(queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
-    """Causal attention of L new queries over T cached keys (the last L of which are theirs)."""
+def attend(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+           mask: mx.array | None = None) -> mx.array:
+    """Causal attention of L new queries over T cached keys (the last L of which are theirs).
+    `mask` (a batch of left-padded rows) replaces causality: [B, 1, L, T] booleans."""
     B, H, L, _ = queries.shape
     T = keys.shape[2]
+    if mask is not None:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale,
+                                                    mask=mask)
     if L == 1:
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale)
     rows = max(1, SCORE_BUDGET_BYTES // (B * H * T * 4))
@@ -84,7 +89,7 @@ class MLAttention(nn.Module):
         )
 
     def __call__(self, x: mx.array, cache: LatentCache | None = None) -> mx.array:
-        B, L, _ = x.shape
+        B, L, _ = x.shape  # a BatchLatentCache gives per-row offsets and a padding mask
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, L, self.n_heads, self.nope + self.rope_dim).transpose(0, 2, 1, 3)
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
@@ -102,6 +107,7 @@ class MLAttention(nn.Module):
         # Absorb W_UK into the query: scores over [c_kv | k_pe] with one shared "kv head".
         queries = mx.concatenate([q_nope @ self.w_uk, q_pe], axis=-1)
         values = latent[..., : self.rank]
-        out = attend(queries, latent, values, self.scale)
+        mask = cache.attention_mask(L) if cache is not None else None
+        out = attend(queries, latent, values, self.scale, mask)
         out = out @ self.w_uv_t
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -38,6 +38,32 @@ class ScriptedCache(LatentCache):
     def nbytes(self) -> int:
         return 0
 
+    @staticmethod
+    def batched(caches: list[ScriptedCache]) -> BatchScriptedCache:
+        return BatchScriptedCache([c.offset for c in caches],
+                                  [list(getattr(c, "queue", [])) for c in caches])
+
+
+class BatchScriptedCache:
+    """The batch form: per row its position and the rest of its own scripted output."""
+
+    def __init__(self, lengths: list[int], queues: list[list[int]]):
+        self.lengths = lengths
+        self.queues = queues
+
+    def filter(self, keep: list[int]) -> None:
+        self.lengths = [self.lengths[i] for i in keep]
+        self.queues = [self.queues[i] for i in keep]
+
+    def extend(self, *others: BatchScriptedCache) -> None:
+        for other in others:
+            self.lengths += other.lengths
+            self.queues += other.queues
+
+    @property
+    def state(self):
+        return []
+
 
 class ScriptedModel:
     """Follows the model protocol; each generation emits the next scripted output."""
@@ -76,19 +102,36 @@ class ScriptedModel:
         self._queue = ids
         self._prompt_tokens = prompt_tokens
 
+    def _forced(self, nxt: int) -> mx.array:
+        row = self._rows.get(nxt)
+        if row is None:
+            row = self._rows[nxt] = mx.zeros((self.vocab_size,)).at[nxt].add(FORCED_LOGIT)
+        return row
+
+    def _batch_step(self, cache: BatchScriptedCache) -> mx.array:
+        """One decode step of a batch: each row emits the next token of its own output."""
+        if self.delay:
+            time.sleep(self.delay)
+        rows = []
+        for i, q in enumerate(cache.queues):
+            cache.lengths[i] += 1
+            rows.append(self._forced(q.pop(0) if q else self.tokenizer.im_end_id))
+        return mx.stack(rows)[:, None]
+
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         B, L = ids.shape
+        if cache and isinstance(cache[0], BatchScriptedCache):
+            return self._batch_step(cache[0])
         if cache:
             cache[0].offset += L
+            cache[0].queue = self._queue  # this sequence's output, should it join a batch
         logits = mx.zeros((B, L, self.vocab_size))
         if cache and self._prompt_tokens is not None and cache[0].offset < self._prompt_tokens:
             return logits  # an earlier prefill chunk: nobody samples its logits
         nxt = self._queue.pop(0) if self._queue else self.tokenizer.im_end_id
         if self.delay and L == 1:
             time.sleep(self.delay)
-        row = self._rows.get(nxt)
-        if row is None:
-            row = self._rows[nxt] = mx.zeros((self.vocab_size,)).at[nxt].add(FORCED_LOGIT)
+        row = self._forced(nxt)
         if B == 1 and L == 1:
             return row[None, None]
         return mx.concatenate([logits[:, :-1], mx.broadcast_to(row, (B, 1, self.vocab_size))],

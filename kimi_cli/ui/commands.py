@@ -197,6 +197,23 @@ def _agent(app: ChatHost, arg: str) -> None:
     app.set_agent(arg.lower() == "on")
 
 
+@command("heavy", "[N | off]", f"answer the next message in heavy mode: N trajectories "
+         f"(default {config.HEAVY_TRAJECTORIES}) in one batch, then an aggregate of their answers")
+def _heavy(app: ChatApp, arg: str) -> None:
+    if arg.lower() == "off":
+        app.heavy_next = 0
+        app.note("heavy mode off for the next message")
+        return
+    try:
+        n = int(arg) if arg else config.HEAVY_TRAJECTORIES
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CommandError(f"/heavy: expected a number of trajectories >= 1, got {arg!r}")
+    app.heavy_next = n
+    app.note(f"the next message gets {n} trajectories, then an aggregate of their answers")
+
+
 @command("retry", "", "answer the last message again")
 def _retry(app: ChatHost, arg: str) -> None:
     msgs = app.session.messages

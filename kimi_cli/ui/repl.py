@@ -175,6 +175,12 @@ class ChatApp:
                 self._count(turn.reply, t["prefilled_tokens"], t["reused_tokens"],
                             t["generated_tokens"], t["prompt_time"], t["generation_time"])
             return
+        if getattr(self, "heavy_next", 0):  # armed by /heavy for this one message
+            from .heavy_turn import run_heavy_turn
+
+            n, self.heavy_next = self.heavy_next, 0
+            run_heavy_turn(self, n)
+            return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))
         room = config.CONTEXT_LENGTH - len(ids)

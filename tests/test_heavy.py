@@ -242,7 +242,7 @@ def test_chat_heavy_answers_the_next_message_with_an_aggregate_then_turns_go_bac
                        env={**env, "XDG_STATE_HOME": str(home)}, capture_output=True, text=True,
                        timeout=120, input="hello\n/heavy 0\n/heavy 2\nwhat?\nand now\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["Hi there.", "Aggregated answer.", "Normal again."]
+    assert r.stdout.splitlines() == ["Hi there.", "", "Aggregated answer.", "", "Normal again."]
     assert "/heavy: expected a number of trajectories >= 1" in r.stderr
     [session] = (home / "kimi-mlx" / "sessions").glob("*.jsonl")
     lines = [json.loads(line) for line in session.read_text().splitlines()]

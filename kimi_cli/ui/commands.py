@@ -199,7 +199,7 @@ def _agent(app: ChatHost, arg: str) -> None:
 
 @command("heavy", "[N | off]", f"answer the next message in heavy mode: N trajectories "
          f"(default {config.HEAVY_TRAJECTORIES}) in one batch, then an aggregate of their answers")
-def _heavy(app: ChatApp, arg: str) -> None:
+def _heavy(app: ChatHost, arg: str) -> None:
     if arg.lower() == "off":
         app.heavy_next = 0
         app.note("heavy mode off for the next message")

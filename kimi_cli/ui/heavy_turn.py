@@ -11,14 +11,16 @@ from dataclasses import replace
 from .. import config
 from ..chat.template import render
 from ..heavy import run_heavy
+from .agent_turn import Turn
 from .commands import CommandError
 from .heavy_view import HeavyView
-from .render import make_renderer
+from .host import ChatHost
 from .status import expert_delta, status_line
 from .term import is_tty, no_echo
 
 
-def run_heavy_turn(app, n: int) -> None:
+def run_heavy_turn(app: ChatHost, n: int) -> Turn:
+    """Answer the session's last (user) message with N trajectories and their aggregate."""
     messages = app.session.prompt_messages()
     tok = app.tokenizer
     used = len(tok.encode(render(messages, template=tok.chat_template)))
@@ -28,7 +30,7 @@ def run_heavy_turn(app, n: int) -> None:
                            f"({config.CONTEXT_LENGTH:,}): /clear starts a new one")
     settings = replace(app.settings, max_tokens=min(app.settings.max_tokens, room))
     view = HeavyView(app.console)
-    renderer = make_renderer(app.out, app.console, think=app.think)
+    renderer = app.renderer()
     cache = getattr(app.model, "expert_cache", None)
     before = cache.stats.to_dict(per_layer=False) if cache is not None else None
 
@@ -36,7 +38,6 @@ def run_heavy_turn(app, n: int) -> None:
         view.close()
         renderer.waiting("aggregating…")
 
-    app.kv_owner = app.session.id
     result = None
     try:
         with no_echo() if is_tty(sys.stdin) else contextlib.nullcontext():
@@ -54,23 +55,26 @@ def run_heavy_turn(app, n: int) -> None:
     agg = result.aggregate
     heavy = {"trajectories": [{k: v for k, v in t.to_dict().items() if k != "token_ids"}
                               for t in result.trajectories]}
+    after = cache.stats.to_dict(per_layer=False) if cache is not None else None
+    experts = expert_delta(before, after)
+    gen = sum(len(t.token_ids) for t in result.trajectories)
     if agg is None:
         app.session.append({"role": "assistant", "content": "", "finish_reason": "interrupted",
                             "heavy": heavy})
         app.hint("interrupted: no aggregate (the trajectories are in the session file)")
-        return
+        return Turn(None, experts, {})
     msg = agg.message()
     msg["heavy"] = heavy
     st = agg.stats
     msg["stats"] = {k: round(v, 4) if isinstance(v, float) else v
                     for k, v in st.to_dict().items()}
     app.session.append(msg)
-    app.last = agg
-    app.turns += 1
-    after = cache.stats.to_dict(per_layer=False) if cache is not None else None
-    app.last_experts = expert_delta(before, after)
-    gen = sum(len(t.token_ids) for t in result.trajectories)
     app.note(f"heavy: {n} trajectories · {gen:,} tokens in {result.batch_time:.1f}s "
              f"({gen / max(result.batch_time, 1e-9):.1f} tok/s together) · aggregate: "
              + status_line(st, len(result.aggregate_prompt_ids) + st.generation_tokens,
                            app.last_experts))
+    return Turn(agg, experts, {"prefilled_tokens": st.prefilled_tokens,
+                               "reused_tokens": st.reused_tokens,
+                               "generated_tokens": gen + st.generation_tokens,
+                               "prompt_time": st.prompt_time,
+                               "generation_time": result.batch_time + st.generation_time})

@@ -25,6 +25,7 @@ class ChatHost(Protocol):
     settings: SamplingSettings
     think: ThinkMode
     agent: AgentMode
+    heavy_next: int  # trajectories for the next message (/heavy N), 0 for a normal reply
     out: Console  # the answers
     console: Console  # everything else: panels, notes, hints (stderr when stdout is piped)
 

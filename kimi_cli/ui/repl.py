@@ -72,6 +72,7 @@ class ChatApp:
         self.last: Reply | None = None
         self.last_experts: dict | None = None
         self.turns = 0
+        self.heavy_next = 0  # trajectories for the next message (/heavy), 0: a normal reply
         self._renderer = None  # the last reply's
         self._answered = False  # an answer is on `out` already
         self.totals = {"prefilled": 0, "reused": 0, "generated": 0, "prompt_time": 0.0,
@@ -166,20 +167,20 @@ class ChatApp:
 
     def respond(self) -> None:
         """Answer the last user message: with the agent loop in agent mode, else one reply."""
-        if self.agent.on:
+        if self.agent.on or self.heavy_next:  # heavy_next: armed by /heavy for this message
             self.kv_owner = self.session.id
-            turn = run_turn(self)
+            if self.agent.on:
+                turn = run_turn(self)
+            else:
+                from .heavy_turn import run_heavy_turn
+
+                n, self.heavy_next = self.heavy_next, 0
+                turn = run_heavy_turn(self, n)
             self.last_experts = turn.experts
             if turn.reply is not None:
                 t = turn.totals
                 self._count(turn.reply, t["prefilled_tokens"], t["reused_tokens"],
                             t["generated_tokens"], t["prompt_time"], t["generation_time"])
-            return
-        if getattr(self, "heavy_next", 0):  # armed by /heavy for this one message
-            from .heavy_turn import run_heavy_turn
-
-            n, self.heavy_next = self.heavy_next, 0
-            run_heavy_turn(self, n)
             return
         messages = self.session.prompt_messages()
         ids = self.tokenizer.encode(render(messages, template=self.tokenizer.chat_template))

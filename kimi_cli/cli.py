@@ -92,11 +92,28 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
         return text
     if not prompt.strip():
         raise UsageError('the prompt is empty: give one (kimi run "...") or pipe it on stdin')
-    if piped:
+    if piped and _context_waiting(stdin):
         context = stdin.read()
         if context.strip():
             return f"{context.rstrip()}\n\n{prompt}"
     return prompt
+
+
+def _context_waiting(stdin) -> bool:
+    """Whether a non-terminal stdin next to a PROMPT is context to read: a regular file always;
+    a pipe, socket or device only if it delivers data or EOF within STDIN_CONTEXT_WAIT, so a
+    pipe nobody writes to (`sleep 30 | kimi run hi`, every rank under mlx.launch) is ignored."""
+    import select
+    import stat
+
+    try:
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        ready, _, _ = select.select([fd], [], [], config.STDIN_CONTEXT_WAIT)
+    except (AttributeError, OSError, ValueError):  # no descriptor (a test's StringIO): read it
+        return True
+    return bool(ready)
 
 
 def resolve_model(spec: str | None) -> str:

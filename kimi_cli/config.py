@@ -22,6 +22,9 @@ DEMO_MAX_TOKENS = 64  # the demo's random weights: a first run that ends in seco
 SEED_MAX = 2**64 - 1  # MLX seeds are unsigned 64-bit
 # Context assumed when sizing memory (KV cache) for fit reports and the automatic expert cache.
 FIT_CONTEXT = 32768
+# Seconds `kimi run PROMPT` waits for a piped stdin to deliver context (data or EOF) before
+# ignoring it: a pipe nobody writes to must not hang the run.
+STDIN_CONTEXT_WAIT = 1.0
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512
 

@@ -996,6 +996,9 @@ def download(
     rank: Annotated[str | None, typer.Option(
         "--rank", help="Only the shards machine I of N needs (I/N, e.g. 0/2): an even, "
         "contiguous split of the layers, rank 0 first.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="With --rank: layers per machine as `kimi run --split` gives them "
+        "(e.g. 30,31); default the even split.")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-hash files downloaded by earlier runs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -1008,7 +1011,7 @@ def download(
 
         progress = Progress(sys.stderr, quiet=quiet)
         result = fetch(repo, revision, local_dir, layers=layers, rank=rank, verify_all=verify,
-                       progress=progress)
+                       progress=progress, split=split)
         part = f" ({result.layers})" if result.layers else ""
         if result.failed:
             sample = "; ".join(f"{k}: {v}" for k, v in sorted(result.failed.items())[:3])

@@ -184,6 +184,14 @@ MaxCommandTimeoutOpt = Annotated[float | None, typer.Option(
         "--max-command-timeout", metavar="SECONDS", help=f"Agent: the longest a command may "
         f"run (default {config.AGENT_SHELL_MAX_TIMEOUT:g} s).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")]
+# Several machines (kimi_cli.distributed). `kimi serve` takes the same two options and calls
+# _distributed(hostfile, split) first, as run, chat and bench do.
+SplitOpt = Annotated[str | None, typer.Option(
+        "--split", help="Several machines: layers per rank, `auto` (default: in proportion to "
+        "each machine's memory) or explicit, e.g. 30,31.")]
+HostfileOpt = Annotated[Path | None, typer.Option(
+        "--hostfile", help="Several machines: run this command on every host of this mlx.launch "
+        "hostfile (see mlx.distributed_config), pipelined by layers.")]
 # Sampling flags of run and chat (chat's defaults come from the resumed session, if any).
 TEMPERATURE_HELP = "Sampling temperature; 0 always picks the most likely token (greedy)."
 TOP_P_HELP = ("Nucleus sampling: sample from the most likely tokens whose probabilities add up "
@@ -259,11 +267,16 @@ def run(
     context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Agent: context tokens; near it, old tool results are elided "
         f"(default {config.CONTEXT_LENGTH}).")] = None,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
     from .checkpoint.demo import DEMO_NAME
     from .engine import SamplingSettings
+
+    with _errors(debug):
+        _distributed(hostfile, split)
 
     settings = SamplingSettings(temperature=temperature, top_p=top_p, min_p=min_p,
                                 top_k=top_k, max_tokens=max_tokens or config.DEFAULT_MAX_TOKENS,
@@ -278,7 +291,9 @@ def run(
         settings.validate()
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
-        text = read_prompt(prompt)
+        from .distributed.group import is_follower
+
+        text = "" if is_follower() else read_prompt(prompt)  # ranks > 0 never read stdin
         think_mode = _think_mode(think, hide_reasoning)
         spec = resolve_model(model)
         if spec == DEMO_NAME and max_tokens is None:
@@ -332,6 +347,27 @@ def run(
                 raise UsageError("--save-expert-profile needs the expert cache (--expert-cache)")
             save_expert_profile.write_text(json.dumps(
                 {str(k): v for k, v in mdl.expert_cache.profile().items()}, indent=1))
+
+
+def _distributed(hostfile: Path | None, split: str | None) -> None:
+    """--hostfile: this command again on every host, through mlx.launch (exits with rank 0's
+    code). --split: how the ranks of the group share the layers (KIMI_SPLIT for the loader)."""
+    if hostfile is not None:
+        from .distributed.launch import relaunch
+
+        raise typer.Exit(relaunch(hostfile))
+    if split is not None:
+        import re
+
+        from .distributed.group import launched
+
+        if not launched():
+            raise UsageError("--split needs several machines: give --hostfile, or start kimi "
+                             "with mlx.launch")
+        if not re.fullmatch(r"\s*(auto|\d+(\s*,\s*\d+)*)\s*", split, re.IGNORECASE):
+            raise UsageError(f"--split: expected auto or layers per rank (e.g. 30,31), got "
+                             f"{split!r}")
+        os.environ["KIMI_SPLIT"] = split
 
 
 def _check_expert_cache(value: str | None) -> None:
@@ -525,6 +561,8 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
     if cache is not None or (plan is not None and plan.explicit):
         result["expert_cache"] = {**(plan.to_dict() if plan is not None else {}),
                                   **(cache.stats.to_dict() if cache is not None else {})}
+    if hasattr(mdl, "distributed_stats"):  # pipelined over several ranks
+        result["distributed"] = mdl.distributed_stats()
     if fmt == Format.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
@@ -765,10 +803,13 @@ def chat(
     no_sandbox: NoSandboxOpt = False,
     dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
     max_command_timeout: MaxCommandTimeoutOpt = None,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
+        _distributed(hostfile, split)
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
                                     workspace=workspace, approval=approval,
@@ -930,10 +971,13 @@ def bench(
         "it.")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress on stderr.")] = False,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure prefill and decode speed (llama-bench style), memory and the bandwidth floor."""
     with _errors(debug):
+        _distributed(hostfile, split)
         from . import bench as kbench
 
         opts = kbench.BenchOptions(
@@ -1073,6 +1117,10 @@ def info(
 
 def main() -> None:
     from typer._click.exceptions import ClickException
+
+    from .distributed.group import quiet_if_follower
+
+    quiet_if_follower()  # under mlx.launch only rank 0 talks to the user
 
     try:
         code = app(standalone_mode=False)

@@ -25,6 +25,10 @@ FIT_CONTEXT = 32768
 # Seconds `kimi run PROMPT` waits for a piped stdin to deliver context (data or EOF) before
 # ignoring it: a pipe nobody writes to must not hang the run.
 STDIN_CONTEXT_WAIT = 1.0
+# Several machines (kimi_cli.distributed): seconds a rank waits for the others to join the
+# group before it gives up with one message, and how many KV caches a following rank keeps.
+DIST_CONNECT_TIMEOUT = 60.0
+DIST_FOLLOWER_CACHES = 4
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512
 

@@ -52,7 +52,7 @@ def init_group():
 
     name = backend()
     rank = env_rank()
-    seconds = config.DIST_CONNECT_TIMEOUT
+    seconds = float(os.environ.get("KIMI_DIST_CONNECT_TIMEOUT") or config.DIST_CONNECT_TIMEOUT)
     where = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_JACCL_COORDINATOR") or ""
     message = (f"kimi: error: rank {rank}: the other ranks did not answer within {seconds:.0f} s "
                f"({name} backend{', ' + _peers(where) if name == 'ring' else ''}); check that "
@@ -129,10 +129,13 @@ def quiet_if_follower() -> None:
 
 
 def stop_on_sigterm() -> None:
-    """mlx.launch ends the surviving ranks with SIGTERM when one exits with an error: say so
-    (one line, exit 1) instead of vanishing."""
+    """mlx.launch ends the surviving ranks with SIGTERM when one exits with an error: rank 0
+    says so (one line, exit 1) instead of vanishing; the others leave quietly (rank 0 or the
+    rank that failed has said what went wrong)."""
 
     def handler(signum, frame):
+        if env_rank() != 0:
+            os._exit(1)
         raise PeerLost("another rank of the group stopped, and mlx.launch ended this run")
 
     signal.signal(signal.SIGTERM, handler)

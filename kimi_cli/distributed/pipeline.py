@@ -306,10 +306,11 @@ def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
 
 def _agree(table: list[list[int]], rank: int, root) -> None:
     """Same config.json, compute dtype and --split on every rank, or a refusal at start (said
-    by rank 0; the others know it too and exit 1 quietly)."""
+    by rank 0; the others know it too and leave quietly)."""
 
     def refuse(message: str) -> Exception:
-        return KimiError(message) if rank == 0 else SystemExit(1)
+        # The others exit 0 so that mlx.launch lets rank 0 finish and report exit code 1.
+        return KimiError(message) if rank == 0 else SystemExit(0)
 
     hashes = [tuple(row[:HASH_WORDS]) for row in table]
     if len(set(hashes)) > 1:

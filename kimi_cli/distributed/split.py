@@ -77,7 +77,8 @@ def proportional_split(memory: list[int], layer_bytes: list[int]) -> list[int]:
 
     `layer_bytes[i]` is what layer i costs (with the embedding counted in layer 0 and the final
     norm and lm_head in the last). Each cut goes to the layer boundary nearest the rank's
-    cumulative target; every rank keeps at least one layer.
+    cumulative target (on a tie the lower rank takes the layer, as in the even split); every
+    rank keeps at least one layer.
     """
     world, n = len(memory), len(layer_bytes)
     if world > n:
@@ -93,7 +94,7 @@ def proportional_split(memory: list[int], layer_bytes: list[int]) -> list[int]:
         acc += memory[r]
         target = total * acc / total_mem
         lo, hi = cuts[-1] + 1, n - (world - 1 - r)  # leave a layer for every later rank
-        cuts.append(min(range(lo, hi + 1), key=lambda c: (abs(cum[c] - target), c)))
+        cuts.append(min(range(lo, hi + 1), key=lambda c: (abs(cum[c] - target), -c)))
     cuts.append(n)
     return [b - a for a, b in zip(cuts, cuts[1:])]
 

@@ -112,6 +112,13 @@ class PipelineModel:
     def layers(self):
         return self.stage.layers
 
+    def __getattr__(self, name: str):
+        # Everything else (parameters(), input_major, ...) is rank 0's own stage: what
+        # `kimi bench` sizes is then this rank's share of the weights.
+        if name == "stage":
+            raise AttributeError(name)
+        return getattr(self.stage, name)
+
     def make_cache(self) -> list:
         cache = _Cache(self.stage.make_cache())
         self._ids += 1

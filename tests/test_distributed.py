@@ -269,3 +269,34 @@ def test_ranks_run_from_their_own_partial_downloads(ckpt, env, tmp_path, one_pro
               f'echo {dirs[1]})" {PROMPT} 6')
     got = rank0_json(launch(2, ["sh", "-c", picker], env, "KIMI_SPLIT=2,3"))
     assert got["tokens"] == one_process["tokens"] and got["logits"] == one_process["logits"]
+
+
+# ---------------------------------------------------------------------------------------------
+# kimi ... --hostfile: mlx.launch started for the user
+
+
+def test_hostfile_runs_the_command_on_every_host_and_returns_rank_0s_exit_code(ckpt, env,
+                                                                               tmp_path):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    args = ["run", "-m", str(ckpt), "--raw", "-t", "0", "-n", "4", "-f", "json", "abc"]
+    ok = subprocess.run([KIMI, *args, "--hostfile", str(hosts)], env=env, capture_output=True,
+                        text=True, timeout=180, stdin=subprocess.DEVNULL)
+    doc = rank0_json(ok)
+    assert doc["distributed"]["world_size"] == 2 and len(doc["token_ids"]) == 4
+    missing = subprocess.run([KIMI, "run", "-m", str(tmp_path / "nowhere"), "hi", "--hostfile",
+                              str(hosts)], env=env, capture_output=True, text=True,
+                             timeout=180, stdin=subprocess.DEVNULL)
+    assert missing.returncode == 1
+    assert missing.stderr.count("kimi: error:") == 1 and "no such directory" in missing.stderr
+    assert "WARN" not in missing.stderr
+
+
+def test_a_bad_hostfile_is_a_usage_error(env, tmp_path):
+    bad = tmp_path / "hosts.json"
+    bad.write_text('{"not": "hosts"}')
+    for path in (bad, tmp_path / "absent.json"):
+        r = subprocess.run([KIMI, "run", "-m", "demo", "hi", "--hostfile", str(path)], env=env,
+                           capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and r.stderr.startswith("kimi: error: --hostfile:"), r.stderr

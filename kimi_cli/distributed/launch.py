@@ -15,6 +15,7 @@ from ..errors import UsageError
 # mlx.launch always exits 0; it reports each rank's end on stderr as below (mlx 0.32).
 _NODE_END = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RANK = re.compile(r"(?<=^kimi: error: )rank \d+: ")
 
 
 def check_hostfile(path: Path) -> list:
@@ -66,6 +67,7 @@ def relaunch(hostfile: Path, argv: list[str] | None = None) -> int:
     kimi = shutil.which(sys.argv[0]) or sys.argv[0]
     cmd = [launcher(), "--hostfile", str(hostfile), "--", str(Path(kimi).resolve()), *argv]
     codes: dict[int, int] = {}
+    said: set[str] = set()
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
     try:
         for line in p.stderr:
@@ -73,6 +75,10 @@ def relaunch(hostfile: Path, argv: list[str] | None = None) -> int:
             if m:  # the launcher's own note; kimi's ranks said what went wrong
                 codes[int(m.group(1))] = int(m.group(2)) if m.group(2) else 1
                 continue
+            same = _RANK.sub("", line)
+            if same.startswith("kimi: ") and same in said:
+                continue  # every rank hit the same error (a path missing on all hosts)
+            said.add(same)
             sys.stderr.write(line)
             sys.stderr.flush()
         p.wait()

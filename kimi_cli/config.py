@@ -26,8 +26,13 @@ FIT_CONTEXT = 32768
 # ignoring it: a pipe nobody writes to must not hang the run.
 STDIN_CONTEXT_WAIT = 1.0
 # Several machines (kimi_cli.distributed): seconds a rank waits for the others to join the
-# group before it gives up with one message, and how many KV caches a following rank keeps.
+# group before it gives up with one message (KIMI_DIST_CONNECT_TIMEOUT overrides it), and how
+# many KV caches a following rank keeps.
 DIST_CONNECT_TIMEOUT = 60.0
+# Seconds rank 0 waits for one pipeline step (a 512-token prefill chunk through every rank,
+# expert-cache misses included) before it takes the other ranks for gone
+# (KIMI_DIST_STEP_TIMEOUT overrides it).
+DIST_STEP_TIMEOUT = 600.0
 DIST_FOLLOWER_CACHES = 4
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512

@@ -185,6 +185,42 @@ def test_a_rank_killed_mid_generation_ends_rank_0_with_one_message_within_30s(ck
     assert re.search(r"rank 0 exited with code 1\b", err)
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_a_rank_that_stops_answering_ends_rank_0_within_the_step_timeout(ckpt, env):
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port()), "--env",
+           "KIMI_DIST_STEP_TIMEOUT=5", "--", KIMI, "run", "-m", str(ckpt), "--raw", "-t", "0",
+           "-f", "jsonl", "hello"]
+    p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    ranks = {}
+    try:
+        assert p.stdout.readline().startswith("{"), p.stderr.read()
+        ranks = _ranks(p.pid)
+        os.kill(ranks[1], signal.SIGSTOP)  # a machine stuck or a link down: no FIN, no reply
+        t0 = time.monotonic()
+        while _state(ranks[0]) not in ("Z", "gone") and time.monotonic() - t0 < 30:
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # rank 0 has gone (the point of the test)
+        out, err = p.communicate(timeout=30)
+    assert elapsed < 30
+    kimi_lines = [ln for ln in err.splitlines() if ln.startswith("kimi:")]
+    assert len(kimi_lines) == 1 and "stopped answering" in kimi_lines[0], err
+    assert "Traceback" not in err and '"type": "done"' not in out
+    assert re.search(r"rank 0 exited with code 1\b", err)
+
+
 def test_ranks_with_different_checkpoints_are_refused_at_start(ckpt, env, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -44,35 +44,70 @@ def is_follower() -> bool:
     return launched() and env_rank() != 0
 
 
+class Watchdog:
+    """Ends this process with `message` and exit 1 when armed for more than `seconds`. MLX
+    blocks in connect, send and recv holding the GIL, so no Python thread could notice: the
+    timer is faulthandler's (C), its dump goes into a pipe, and a tiny child process turns it
+    into the message (and exits with this process otherwise)."""
+
+    def __init__(self, seconds: float, message: str):
+        self.seconds = seconds
+        read_end, write_end = os.pipe()
+        self.reporter = subprocess.Popen(
+            [sys.executable, "-S", "-c", "import os,sys\nif os.read(0, 1): os.write(2, "
+             "sys.argv[1].encode())", message], stdin=read_end, stderr=sys.__stderr__,
+            stdout=subprocess.DEVNULL, close_fds=True)
+        os.close(read_end)
+        self.pipe = os.fdopen(write_end, "w")
+
+    def arm(self) -> None:
+        faulthandler.dump_traceback_later(self.seconds, exit=True, file=self.pipe)
+
+    def disarm(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+
+    def close(self) -> None:
+        self.disarm()
+        self.pipe.close()
+        self.reporter.wait()
+
+
+def _timeout(var: str, default: float) -> float:
+    try:
+        return float(os.environ.get(var) or default)
+    except ValueError:
+        return default
+
+
+def step_watchdog() -> Watchdog:
+    """Rank 0's guard on each pipeline step: a peer that stops answering (a link down, a
+    machine stuck) ends the run after DIST_STEP_TIMEOUT seconds."""
+    seconds = _timeout("KIMI_DIST_STEP_TIMEOUT", config.DIST_STEP_TIMEOUT)
+    return Watchdog(seconds, f"kimi: error: the other ranks stopped answering (no reply within "
+                             f"{seconds:.0f} s: a link down or a machine stuck?); this run "
+                             "cannot go on\n")
+
+
 def init_group():
     """Join the group; a peer that never answers ends this rank with one message and exit 1
-    after DIST_CONNECT_TIMEOUT seconds (mx.distributed.init blocks holding the GIL, so the
-    watch runs outside Python: faulthandler's timer, reported by a small child process)."""
+    after DIST_CONNECT_TIMEOUT seconds."""
     import mlx.core as mx
 
     name = backend()
     rank = env_rank()
-    seconds = float(os.environ.get("KIMI_DIST_CONNECT_TIMEOUT") or config.DIST_CONNECT_TIMEOUT)
+    seconds = _timeout("KIMI_DIST_CONNECT_TIMEOUT", config.DIST_CONNECT_TIMEOUT)
     where = os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_JACCL_COORDINATOR") or ""
-    message = (f"kimi: error: rank {rank}: the other ranks did not answer within {seconds:.0f} s "
-               f"({name} backend{', ' + _peers(where) if name == 'ring' else ''}); check that "
-               "every host runs the same command and can reach the others\n")
-    read_end, write_end = os.pipe()
-    reporter = subprocess.Popen(
-        [sys.executable, "-S", "-c", "import os,sys\nif os.read(0, 1): os.write(2, "
-         "sys.argv[1].encode())", message], stdin=read_end, stderr=sys.__stderr__,
-        stdout=subprocess.DEVNULL, close_fds=True)
-    os.close(read_end)
-    watch = os.fdopen(write_end, "w")
-    faulthandler.dump_traceback_later(seconds, exit=True, file=watch)
+    watch = Watchdog(seconds, (
+        f"kimi: error: rank {rank}: the other ranks did not answer within {seconds:.0f} s "
+        f"({name} backend{', ' + _peers(where) if name == 'ring' else ''}); check that every "
+        "host runs the same command and can reach the others\n"))
+    watch.arm()
     try:
         group = mx.distributed.init(strict=True, backend=name)
     except RuntimeError as e:
         raise PeerLost(f"rank {rank}: cannot join the group ({name} backend): {e}") from None
     finally:
-        faulthandler.cancel_dump_traceback_later()
         watch.close()
-        reporter.wait()
     return group
 
 

@@ -23,7 +23,7 @@ from .. import config
 from ..checkpoint.layout import checkpoint_specs
 from ..checkpoint.reader import DTYPE_SIZES, check_config, read_json, resolve_model_path
 from ..errors import KimiError
-from .group import PeerLost, backend, init_group, stop_on_sigterm
+from .group import PeerLost, backend, init_group, step_watchdog, stop_on_sigterm
 from .split import LAYER_RE, LayerRange, parse_split, proportional_split, ranges
 
 OP_FORWARD, OP_STATS, OP_STOP = 1, 2, 3
@@ -106,6 +106,7 @@ class PipelineModel:
         self.local = [0.0, 0, 0.0, 0]  # rank 0's own row of the compute table
         self._ids = 0
         self._closed = False
+        self.watch = step_watchdog()
         atexit.register(self.close)
 
     @property
@@ -131,6 +132,7 @@ class PipelineModel:
         B, L = inputs.shape
         cid = getattr(cache, "id", id(cache) & 0x7FFFFFFF)
         offset = cache[0].offset
+        self.watch.arm()
         try:
             t0 = time.perf_counter()
             h = self.stage.run_stage(inputs, cache)
@@ -143,6 +145,8 @@ class PipelineModel:
             t2 = time.perf_counter()
         except RuntimeError as e:
             raise _lost(e) from None
+        finally:
+            self.watch.disarm()
         sent = (header.nbytes * (self.world - 1) + h.nbytes * (self.world - 1)
                 + logits.nbytes)
         self.local[2] += t1 - t0
@@ -161,12 +165,15 @@ class PipelineModel:
         """Every rank's compute counters (rank 0's own and the followers', over the wire)."""
         table = mx.zeros((self.world, STAT_COLS), dtype=mx.float32)
         table[0] = mx.array(self.local, dtype=mx.float32)
+        self.watch.arm()
         try:
             _send(mx.array([OP_STATS, 0, 0, 0, 0, 0], dtype=mx.int32), 1, self.group)
             _send(table, 1, self.group)
             table = _recv((self.world, STAT_COLS), mx.float32, self.world - 1, self.group)
         except RuntimeError as e:
             raise _lost(e) from None
+        finally:
+            self.watch.disarm()
         return table.tolist()
 
     def distributed_stats(self) -> dict:
@@ -196,10 +203,16 @@ class PipelineModel:
         if self._closed:
             return
         self._closed = True
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting already: mlx.launch may hurry
         try:
+            self.watch.arm()
             _send(mx.array([OP_STOP, 0, 0, 0, 0, 0], dtype=mx.int32), 1, self.group)
         except RuntimeError:
             pass  # a rank is gone already: the others see the connection drop
+        finally:
+            self.watch.close()
 
 
 class _Cache(list):

@@ -293,7 +293,12 @@ def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
     args = check_config(cfg, root / "config.json")
     dtype = dtype or default_dtype()
     split_text = os.environ.get("KIMI_SPLIT", "auto")
-    mine = parse_split(split_text, world, args.num_hidden_layers)
+    try:
+        mine = parse_split(split_text, world, args.num_hidden_layers)
+    except KimiError:
+        if rank == 0:
+            raise
+        raise SystemExit(0) from None  # rank 0 found the same and says it (one message)
     words = [int.from_bytes(config_hash(cfg)[4 * i: 4 * i + 4], "little", signed=True)
              for i in range(HASH_WORDS)]
     memory = weight_memory()

@@ -322,6 +322,11 @@ def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
         raise PeerLost(f"another rank failed while loading its layers ({e})") from None
     if rank == 0:
         return PipelineModel(model, group, blocks, memories, dtype), tok
+    import signal
+
+    # Ctrl-C in the terminal reaches every local rank; it is rank 0's to act on (stop a reply,
+    # exit), and the others end when rank 0 says so or goes away.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         follow(model, group, blocks[rank], dtype)
     except RuntimeError as e:

@@ -86,17 +86,35 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
             raise UsageError("`-` reads the prompt from stdin, but stdin is a terminal"
                              if prompt else
                              'no prompt: give one (kimi run "...") or pipe it on stdin')
-        text = stdin.read().rstrip("\r\n")  # the newline that ends the input is not prompt
+        text = _read_stdin(stdin).rstrip("\r\n")  # the newline ending the input is not prompt
         if not text.strip():
             raise UsageError("the prompt read from stdin is empty")
         return text
     if not prompt.strip():
         raise UsageError('the prompt is empty: give one (kimi run "...") or pipe it on stdin')
     if piped and _context_waiting(stdin):
-        context = stdin.read()
+        context = _read_stdin(stdin)
         if context.strip():
             return f"{context.rstrip()}\n\n{prompt}"
     return prompt
+
+
+def _read_stdin(stdin) -> str:
+    """All of stdin; under mlx.launch, whose pipe to each rank never closes, what arrives
+    until it has been quiet for STDIN_CONTEXT_WAIT (there is no EOF to wait for)."""
+    import select
+
+    from .distributed.group import launched
+
+    if not launched():
+        return stdin.read()
+    fd, chunks = stdin.fileno(), []
+    while select.select([fd], [], [], config.STDIN_CONTEXT_WAIT)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _context_waiting(stdin) -> bool:

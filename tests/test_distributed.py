@@ -139,6 +139,15 @@ def test_kimi_run_under_mlx_launch_detects_the_group_and_reports_it(ckpt, env):
     assert "rank 1" not in r.stderr and "WARN" not in r.stderr
 
 
+def test_piped_context_reaches_rank_0_once_though_mlx_launch_never_closes_stdin(ckpt, env):
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port()), "--", KIMI, "run",
+           "-m", str(ckpt), "--print-prompt", "the question"]
+    r = subprocess.run(cmd, env=env, input="the context\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("the context\n\nthe question") == 1  # rank 0 read it; rank 1 is silent
+
+
 # ---------------------------------------------------------------------------------------------
 # Failures: one message, a bounded time, exit code 1 on rank 0
 

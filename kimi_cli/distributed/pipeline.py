@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -75,15 +75,14 @@ def _recv(shape, dtype, src: int, group) -> mx.array:
 
 @dataclass
 class CommStats:
-    """What rank 0 measures: round trips of its messages, their bytes, and the followers'
-    compute (asked for with OP_STATS)."""
+    """What rank 0 measures: round trips of its messages and their bytes (the followers'
+    compute comes with OP_STATS)."""
 
     decode_steps: int = 0
     decode_round_trip: float = 0.0  # from rank 0's first send to the logits back
     decode_bytes: int = 0
     steps: int = 0
     bytes: int = 0
-    compute: list[list[float]] = field(default_factory=list)  # per rank, STAT_COLS
 
 
 class PipelineModel:

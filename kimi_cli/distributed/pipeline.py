@@ -14,6 +14,7 @@ import atexit
 import hashlib
 import json
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from .group import PeerLost, backend, init_group, step_watchdog, stop_on_sigterm
 from .split import LAYER_RE, LayerRange, parse_split, proportional_split, ranges
 
 OP_FORWARD, OP_STATS, OP_STOP = 1, 2, 3
-HEADER = 6  # op, cache id, cache offset, batch, length, spare
+HEADER = 6  # op, cache id, cache offset, batch, length, oldest live cache id (0: unknown)
 HASH_WORDS = 8  # the config hash as int32 words in the start-up exchange
 STAT_COLS = 4  # per rank: decode compute s, decode steps, all compute s, all steps
 
@@ -104,6 +105,7 @@ class PipelineModel:
         self.comm = CommStats()
         self.local = [0.0, 0, 0.0, 0]  # rank 0's own row of the compute table
         self._ids = 0
+        self._live: weakref.WeakValueDictionary[int, _Cache] = weakref.WeakValueDictionary()
         self._closed = False
         self.watch = step_watchdog()
         atexit.register(self.close)
@@ -123,6 +125,7 @@ class PipelineModel:
         cache = _Cache(self.stage.make_cache())
         self._ids += 1
         cache.id = self._ids
+        self._live[cache.id] = cache
         return cache
 
     def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
@@ -137,7 +140,9 @@ class PipelineModel:
             h = self.stage.run_stage(inputs, cache)
             mx.eval(h, [c.state for c in cache])
             t1 = time.perf_counter()
-            header = mx.array([OP_FORWARD, cid, offset, B, L, 0], dtype=mx.int32)
+            # The followers drop their mirrors of caches older than the oldest one alive here.
+            oldest = min(self._live.keys(), default=0) if cid in self._live else 0
+            header = mx.array([OP_FORWARD, cid, offset, B, L, oldest], dtype=mx.int32)
             _send(header, 1, self.group)
             _send(h, 1, self.group)
             logits = _recv((B, self.args.vocab_size), self.dtype, self.world - 1, self.group)
@@ -235,7 +240,7 @@ def follow(stage, group, block: LayerRange, dtype) -> None:
     row = [0.0, 0, 0.0, 0]
     while True:
         header = _recv((HEADER,), mx.int32, prev, group)
-        op, cid, offset, B, L, _ = header.tolist()
+        op, cid, offset, B, L, oldest = header.tolist()
         if op == OP_STOP:
             if not last:
                 _send(header, nxt, group)
@@ -248,6 +253,8 @@ def follow(stage, group, block: LayerRange, dtype) -> None:
             _send(table, nxt, group)
             continue
         x = _recv((B, L, H), dtype, prev, group)
+        for old in [k for k in caches if k < oldest]:
+            del caches[old]  # rank 0 has let that cache go
         cache = caches.get(cid)
         if cache is None:
             cache = caches[cid] = stage.make_cache()

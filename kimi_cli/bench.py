@@ -563,6 +563,8 @@ def run_bench(path: Path, name: str, opts: BenchOptions,
             "decode_floor_tps_at_d0": decode_floor_tps(c.weight_bytes["total"], c.kv_per_token,
                                                        1, bw["gbps"]),
         }
+        if hasattr(c.model, "distributed_stats"):  # pipelined over several ranks
+            report["distributed"] = c.model.distributed_stats()
         _release(c)
     if opts.compare:
         _add_ratios(report)
@@ -694,6 +696,13 @@ def summary_lines(report: dict) -> list[str]:
             f"token ({w['dense'] / 1e6:.2f} dense + {w['routed_experts'] / 1e6:.2f} top-k "
             f"experts) + {c['kv_bytes_per_token'] / 1e3:.1f} KB per token of context -> "
             f"at most {c['decode_floor_tps_at_d0']:.1f} tok/s at depth 0")
+    d = report.get("distributed")
+    if d:
+        blocks = ", ".join(f"rank {r['rank']}: layers {r['start']}-{r['end']} "
+                           f"({r['compute_ms_per_token']:.2f} ms/token)" for r in d["ranks"])
+        lines.append(f"pipeline over {d['world_size']} ranks ({d['backend']}): {blocks}; "
+                     f"communication {d['comm_ms_per_token']:.2f} ms and "
+                     f"{d['comm_bytes_per_token'] / 1e3:.1f} KB per decode token")
     lines.append(f"{s['repeats']} repeats after a warm-up; mean ± stddev; "
                  "floor = bandwidth / bytes read per decode token at the test's mean depth"
                  + ("; tgNxB: B sequences decoding together, t/s over all of them, the floor "

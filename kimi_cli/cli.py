@@ -86,17 +86,52 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
             raise UsageError("`-` reads the prompt from stdin, but stdin is a terminal"
                              if prompt else
                              'no prompt: give one (kimi run "...") or pipe it on stdin')
-        text = stdin.read().rstrip("\r\n")  # the newline that ends the input is not prompt
+        text = _read_stdin(stdin).rstrip("\r\n")  # the newline ending the input is not prompt
         if not text.strip():
             raise UsageError("the prompt read from stdin is empty")
         return text
     if not prompt.strip():
         raise UsageError('the prompt is empty: give one (kimi run "...") or pipe it on stdin')
-    if piped:
-        context = stdin.read()
+    if piped and _context_waiting(stdin):
+        context = _read_stdin(stdin)
         if context.strip():
             return f"{context.rstrip()}\n\n{prompt}"
     return prompt
+
+
+def _read_stdin(stdin) -> str:
+    """All of stdin; under mlx.launch, whose pipe to each rank never closes, what arrives
+    until it has been quiet for STDIN_CONTEXT_WAIT (there is no EOF to wait for)."""
+    import select
+
+    from .distributed.group import launched
+
+    if not launched():
+        return stdin.read()
+    fd, chunks = stdin.fileno(), []
+    while select.select([fd], [], [], config.STDIN_CONTEXT_WAIT)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _context_waiting(stdin) -> bool:
+    """Whether a non-terminal stdin next to a PROMPT is context to read: a regular file always;
+    a pipe, socket or device only if it delivers data or EOF within STDIN_CONTEXT_WAIT, so a
+    pipe nobody writes to (`sleep 30 | kimi run hi`, every rank under mlx.launch) is ignored."""
+    import select
+    import stat
+
+    try:
+        fd = stdin.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        ready, _, _ = select.select([fd], [], [], config.STDIN_CONTEXT_WAIT)
+    except (AttributeError, OSError, ValueError):  # no descriptor (a test's StringIO): read it
+        return True
+    return bool(ready)
 
 
 def resolve_model(spec: str | None) -> str:
@@ -167,6 +202,14 @@ MaxCommandTimeoutOpt = Annotated[float | None, typer.Option(
         "--max-command-timeout", metavar="SECONDS", help=f"Agent: the longest a command may "
         f"run (default {config.AGENT_SHELL_MAX_TIMEOUT:g} s).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks on errors.")]
+# Several machines (kimi_cli.distributed). `kimi serve` takes the same two options and calls
+# _distributed(hostfile, split) first, as run, chat and bench do.
+SplitOpt = Annotated[str | None, typer.Option(
+        "--split", help="Several machines: layers per rank, `auto` (default: in proportion to "
+        "each machine's memory) or explicit, e.g. 30,31.")]
+HostfileOpt = Annotated[Path | None, typer.Option(
+        "--hostfile", help="Several machines: run this command on every host of this mlx.launch "
+        "hostfile (see mlx.distributed_config), pipelined by layers.")]
 # Sampling flags of run and chat (chat's defaults come from the resumed session, if any).
 TEMPERATURE_HELP = "Sampling temperature; 0 always picks the most likely token (greedy)."
 TOP_P_HELP = ("Nucleus sampling: sample from the most likely tokens whose probabilities add up "
@@ -248,11 +291,16 @@ def run(
     trajectories: Annotated[int | None, typer.Option(
         "--trajectories", help=f"Heavy mode: how many trajectories (default "
         f"{config.HEAVY_TRAJECTORIES}); implies --heavy.")] = None,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Answer one prompt: the answer on stdout, reasoning and stats on stderr."""
     from .checkpoint.demo import DEMO_NAME
     from .engine import SamplingSettings
+
+    with _errors(debug):
+        _distributed(hostfile, split)
 
     settings = SamplingSettings(temperature=temperature, top_p=top_p, min_p=min_p,
                                 top_k=top_k, max_tokens=max_tokens or config.DEFAULT_MAX_TOKENS,
@@ -268,7 +316,13 @@ def run(
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, raw, **agent_flags)
         n_heavy = _heavy_count(heavy, trajectories, agent, raw)
-        text = read_prompt(prompt)
+        from .distributed.group import is_follower, launched
+
+        if n_heavy and launched():
+            raise UsageError("--heavy runs on one machine for now: batched decoding through a "
+                             "pipeline of several is not built yet")
+
+        text = "" if is_follower() else read_prompt(prompt)  # ranks > 0 never read stdin
         think_mode = _think_mode(think, hide_reasoning)
         spec = resolve_model(model)
         if spec == DEMO_NAME and max_tokens is None:
@@ -343,6 +397,27 @@ def _heavy_count(heavy: bool, trajectories: int | None, agent: bool, raw: bool) 
     if raw:
         raise UsageError("--heavy needs the chat template (drop --raw)")
     return n
+
+
+def _distributed(hostfile: Path | None, split: str | None) -> None:
+    """--hostfile: this command again on every host, through mlx.launch (exits with rank 0's
+    code). --split: how the ranks of the group share the layers (KIMI_SPLIT for the loader)."""
+    if hostfile is not None:
+        from .distributed.launch import relaunch
+
+        raise typer.Exit(relaunch(hostfile))
+    if split is not None:
+        import re
+
+        from .distributed.group import launched
+
+        if not launched():
+            raise UsageError("--split needs several machines: give --hostfile, or start kimi "
+                             "with mlx.launch")
+        if not re.fullmatch(r"\s*(auto|\d+(\s*,\s*\d+)*)\s*", split, re.IGNORECASE):
+            raise UsageError(f"--split: expected auto or layers per rank (e.g. 30,31), got "
+                             f"{split!r}")
+        os.environ["KIMI_SPLIT"] = split
 
 
 def _check_expert_cache(value: str | None) -> None:
@@ -569,6 +644,8 @@ def _generate(mdl, tok, ids, settings, fmt: Format, model_name: str, raw: bool,
     if cache is not None or (plan is not None and plan.explicit):
         result["expert_cache"] = {**(plan.to_dict() if plan is not None else {}),
                                   **(cache.stats.to_dict() if cache is not None else {})}
+    if hasattr(mdl, "distributed_stats"):  # pipelined over several ranks
+        result["distributed"] = mdl.distributed_stats()
     if fmt == Format.json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
         out.flush()
@@ -809,10 +886,13 @@ def chat(
     no_sandbox: NoSandboxOpt = False,
     dangerously_bypass_approvals_and_sandbox: BypassOpt = False,
     max_command_timeout: MaxCommandTimeoutOpt = None,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Chat in the terminal: reasoning and answer in separate live panels, sessions saved."""
     with _errors(debug):
+        _distributed(hostfile, split)
         _check_expert_cache(expert_cache)
         agent_opts = _agent_options(agent, False, max_steps=max_steps, tools=tools,
                                     workspace=workspace, approval=approval,
@@ -1058,10 +1138,13 @@ def bench(
         "it.")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress on stderr.")] = False,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure prefill and decode speed (llama-bench style), memory and the bandwidth floor."""
     with _errors(debug):
+        _distributed(hostfile, split)
         from . import bench as kbench
 
         opts = kbench.BenchOptions(
@@ -1124,6 +1207,9 @@ def download(
     rank: Annotated[str | None, typer.Option(
         "--rank", help="Only the shards machine I of N needs (I/N, e.g. 0/2): an even, "
         "contiguous split of the layers, rank 0 first.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="With --rank: layers per machine as `kimi run --split` gives them "
+        "(e.g. 30,31); default the even split.")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Also re-hash files downloaded by earlier runs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -1136,7 +1222,7 @@ def download(
 
         progress = Progress(sys.stderr, quiet=quiet)
         result = fetch(repo, revision, local_dir, layers=layers, rank=rank, verify_all=verify,
-                       progress=progress)
+                       progress=progress, split=split)
         part = f" ({result.layers})" if result.layers else ""
         if result.failed:
             sample = "; ".join(f"{k}: {v}" for k, v in sorted(result.failed.items())[:3])
@@ -1202,6 +1288,10 @@ def info(
 
 def main() -> None:
     from typer._click.exceptions import ClickException
+
+    from .distributed.group import quiet_if_follower
+
+    quiet_if_follower()  # under mlx.launch only rank 0 talks to the user
 
     try:
         code = app(standalone_mode=False)

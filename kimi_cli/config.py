@@ -22,6 +22,18 @@ DEMO_MAX_TOKENS = 64  # the demo's random weights: a first run that ends in seco
 SEED_MAX = 2**64 - 1  # MLX seeds are unsigned 64-bit
 # Context assumed when sizing memory (KV cache) for fit reports and the automatic expert cache.
 FIT_CONTEXT = 32768
+# Seconds `kimi run PROMPT` waits for a piped stdin to deliver context (data or EOF) before
+# ignoring it: a pipe nobody writes to must not hang the run.
+STDIN_CONTEXT_WAIT = 1.0
+# Several machines (kimi_cli.distributed): seconds a rank waits for the others to join the
+# group before it gives up with one message (KIMI_DIST_CONNECT_TIMEOUT overrides it), and how
+# many KV caches a following rank keeps.
+DIST_CONNECT_TIMEOUT = 60.0
+# Seconds rank 0 waits for one pipeline step (a 512-token prefill chunk through every rank,
+# expert-cache misses included) before it takes the other ranks for gone
+# (KIMI_DIST_STEP_TIMEOUT overrides it).
+DIST_STEP_TIMEOUT = 600.0
+DIST_FOLLOWER_CACHES = 4
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512
 # Heavy mode (kimi run --heavy): trajectories rolled out together, as in the model card.

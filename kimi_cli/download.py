@@ -20,6 +20,7 @@ from typing import IO
 
 from . import config
 from .checkpoint import verified
+from .distributed.split import LayerRange, parse_rank, rank_layers
 from .errors import CheckpointError, KimiError, UsageError
 from .hub import (
     RemoteFile,
@@ -39,38 +40,10 @@ METADATA_FILES = ("config.json", "generation_config.json", "tokenizer_config.jso
                   "tiktoken.model", "chat_template.jinja", INDEX_FILE)
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "tiktoken.model", INDEX_FILE)
 WORKERS = 4  # files downloaded at once
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Which shards a machine needs
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    """Layers `start`..`end` (inclusive) of a model with `n_layers` layers."""
-
-    start: int
-    end: int
-    n_layers: int
-
-    def __str__(self) -> str:
-        return f"layers {self.start}-{self.end} of {self.n_layers}"
-
-    def holds(self, tensor: str) -> bool:
-        """Whether a machine running these layers needs `tensor`.
-
-        The rule: a layer's tensors go with that layer; the embedding with layer 0 (the first
-        rank embeds the tokens); the final norm and lm_head with the last layer (the last rank
-        produces the logits); tensors of layers past the last (an MTP head) with the last layer.
-        """
-        m = LAYER_RE.match(tensor)
-        if m:
-            i = int(m.group(1))
-            return self.start <= min(i, self.n_layers - 1) <= self.end
-        if tensor.startswith("model.embed_tokens."):
-            return self.start == 0
-        return self.end == self.n_layers - 1  # model.norm, lm_head and anything unforeseen
 
 
 def parse_layers(text: str, n_layers: int) -> LayerRange:
@@ -85,28 +58,6 @@ def parse_layers(text: str, n_layers: int) -> LayerRange:
     if end >= n_layers:
         raise UsageError(f"--layers {text}: the model has layers 0-{n_layers - 1}")
     return LayerRange(start, end, n_layers)
-
-
-def parse_rank(text: str) -> tuple[int, int]:
-    """`--rank I/N`: machine I (0-based) of N."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m:
-        raise UsageError(f"--rank: expected I/N (e.g. 0/2), got {text!r}")
-    rank, world = int(m.group(1)), int(m.group(2))
-    if world < 1 or rank >= world:
-        raise UsageError(f"--rank {text}: I must be in 0..N-1")
-    return rank, world
-
-
-def rank_layers(rank: int, world: int, n_layers: int) -> LayerRange:
-    """Rank I of N runs a contiguous block of layers in order (rank 0 the first); the blocks
-    differ by at most one layer and the low ranks take the extra ones."""
-    if world > n_layers:
-        raise UsageError(f"--rank: {world} machines for {n_layers} layers; use at most "
-                         f"{n_layers}")
-    base, extra = divmod(n_layers, world)
-    start = rank * base + min(rank, extra)
-    return LayerRange(start, start + base + (1 if rank < extra else 0) - 1, n_layers)
 
 
 def select_shards(weight_map: dict[str, str], layers: LayerRange | None) -> list[str]:
@@ -290,13 +241,16 @@ def _select(repo: str, files: dict[str, RemoteFile], index: dict, n_layers: int,
     return [f for f in METADATA_FILES if f in files] + shards
 
 
-def _layer_range(layers: str | None, rank: str | None, n_layers: int) -> LayerRange | None:
+def _layer_range(layers: str | None, rank: str | None, n_layers: int,
+                 split: str | None = None) -> LayerRange | None:
     if layers and rank:
         raise UsageError("use either --layers or --rank")
+    if split and not rank:
+        raise UsageError("--split needs --rank I/N")
     if layers:
         return parse_layers(layers, n_layers)
     if rank:
-        return rank_layers(*parse_rank(rank), n_layers)
+        return rank_layers(*parse_rank(rank), n_layers, split)
     return None
 
 
@@ -309,17 +263,16 @@ def free_space(path: Path) -> int:
 
 def download(repo: str = config.DEFAULT_REPO, revision: str | None = None,
              local_dir: Path | None = None, layers: str | None = None, rank: str | None = None,
-             verify_all: bool = False, progress: Progress | None = None) -> DownloadResult:
-    """Download what the model needs from `repo` (at `revision`) and verify it."""
-    if layers and rank:
-        raise UsageError("use either --layers or --rank")
-    if layers is not None:
-        parse_layers(layers, 1 << 30)  # syntax errors before any network access
-    if rank is not None:
-        parse_rank(rank)
+             verify_all: bool = False, progress: Progress | None = None,
+             split: str | None = None) -> DownloadResult:
+    """Download what the model needs from `repo` (at `revision`) and verify it; `rank` (I/N)
+    with `split` (`--split 30,31`, default even) fetches what that rank of a pipeline loads."""
+    _layer_range(layers, rank, 1 << 30)  # syntax errors before any network access
+    if split is not None and not rank:
+        raise UsageError("--split needs --rank I/N")
     progress = progress or Progress(quiet=True)
     if is_offline():
-        return _offline(repo, revision, local_dir, layers, rank)
+        return _offline(repo, revision, local_dir, layers, rank, split)
     t0 = time.monotonic()
     commit, files = remote_files(repo, revision)
     target = Target(repo, commit, revision or "main", local_dir)
@@ -336,7 +289,7 @@ def download(repo: str = config.DEFAULT_REPO, revision: str | None = None,
     cfg = _read_json(target.file("config.json"))
     index = _read_json(target.file(INDEX_FILE))
     n_layers = int(cfg.get("num_hidden_layers") or 0)
-    selection = _layer_range(layers, rank, n_layers)
+    selection = _layer_range(layers, rank, n_layers, split)
     names = _select(repo, files, index, n_layers, selection)
     result = DownloadResult(target.path, repo, commit, names, selection)
     result.total_bytes = sum(files[n].size or 0 for n in names)
@@ -440,7 +393,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _offline(repo: str, revision: str | None, local_dir: Path | None, layers: str | None,
-             rank: str | None) -> DownloadResult:
+             rank: str | None, split: str | None = None) -> DownloadResult:
     root = local_dir.expanduser().resolve() if local_dir else cached_dir(repo, revision)
     if root is None or not (root / "config.json").is_file():
         where = local_dir or f"the Hugging Face cache ({hf_cache()})"
@@ -451,7 +404,7 @@ def _offline(repo: str, revision: str | None, local_dir: Path | None, layers: st
                         "HF_HUB_OFFLINE to download it")
     cfg, index = _read_json(root / "config.json"), _read_json(root / INDEX_FILE)
     n_layers = int(cfg.get("num_hidden_layers") or 0)
-    selection = _layer_range(layers, rank, n_layers)
+    selection = _layer_range(layers, rank, n_layers, split)
     shards = select_shards(index.get("weight_map") or {}, selection)
     names = [f for f in METADATA_FILES if (root / f).is_file()] + shards
     missing = [n for n in REQUIRED_FILES + tuple(shards) if not (root / n).is_file()]

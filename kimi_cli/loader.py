@@ -31,7 +31,7 @@ def default_dtype() -> mx.Dtype:
 def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool = False,
          expert_cache: str | int | None = None, prefetch: bool = True,
          read_threads: int = 4, pinned: dict[int, list[int]] | None = None,
-         log: Callable[[str], None] | None = None, kv_sequences: int = 1,
+         log: Callable[[str], None] | None = None, kv_sequences: int = 1, stage=None,
          ) -> tuple[Model, Tokenizer]:
     """Load a release directory, an expert pack (`kimi convert`) or a Hub repo id in the HF cache.
 
@@ -42,7 +42,21 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     cache holds when it streams. `pinned` keeps experts a profiling run found hot
     (`ExpertCache.profile()`) in their slots. `kv_sequences`: sequences decoded together
     (heavy mode), whose KV cache the automatic expert budget leaves room for.
+
+    Launched by mlx.launch (a group of more than one rank), each rank loads only its block of
+    layers and rank 0 gets a `distributed.pipeline.PipelineModel`; the other ranks follow rank 0
+    inside this call and exit when it ends (see `kimi_cli.distributed`). `stage` (a
+    `distributed.split.LayerRange`) loads that block alone, in this process.
     """
+    if stage is None:
+        from .distributed.group import launched
+
+        if launched():
+            from .distributed.pipeline import load_pipeline
+
+            return load_pipeline(path, dtype=dtype, lazy=lazy, expert_cache=expert_cache,
+                                 prefetch=prefetch, read_threads=read_threads, pinned=pinned,
+                                 log=log)
     from .experts.pack import is_pack_dir, open_pack
     from .experts.release import ReleaseSource
 
@@ -50,18 +64,19 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
     root = resolve_model_path(path)
     dtype = dtype or default_dtype()
     pack = open_pack(root) if is_pack_dir(root) else None
-    ckpt = open_checkpoint(root, with_experts=pack is None)
+    ckpt = open_checkpoint(root, with_experts=pack is None, layers=stage)
     tokenizer = Tokenizer.from_dir(root)
     if tokenizer.vocab_size > ckpt.args.vocab_size:
         raise CheckpointError(f"{root / 'tiktoken.model'}: {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {ckpt.args.vocab_size}")
-    plan = plan_cache(ckpt, expert_cache, dtype, kv_sequences)
+    plan = plan_cache(ckpt, expert_cache, dtype, kv_sequences, stage)
     source = None
     if plan.slots:
         source = pack if pack is not None else ReleaseSource(ckpt, sorted(plan.slots))
         plan.source = "expert pack" if pack is not None else "release shards"
     model = load_model(ckpt, dtype=dtype, lazy=lazy, pack=pack, slots=plan.slots,
-                       prefetch=prefetch, read_threads=read_threads, source=source)
+                       prefetch=prefetch, read_threads=read_threads, source=source,
+                       stage=None if stage is None else stage.layers)
     model.expert_plan = plan
     if model.expert_cache is not None and pinned:
         for layer, experts in pinned.items():
@@ -73,15 +88,18 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
 
 
 def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype,
-               kv_sequences: int = 1):
-    """The expert cache plan for this checkpoint (an `experts.cache.CachePlan`)."""
+               kv_sequences: int = 1, stage=None):
+    """The expert cache plan for this checkpoint (an `experts.cache.CachePlan`); with `stage`
+    (a LayerRange) for that block of layers only, as one rank of a pipeline holds it."""
     from .experts.cache import make_plan
 
     args = ckpt.args
     resident = sum(t.nbytes * (1 if t.dtype == "F32" else max(1, dtype.size // 2))
                    for t in ckpt.tensors.values() if ".mlp.experts." not in t.name)
-    kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers
-    return make_plan(args, spec, dtype, resident, kv * dtype.size * kv_sequences)
+    n_layers = args.num_hidden_layers if stage is None else len(stage.layers)
+    kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers
+    return make_plan(args, spec, dtype, resident, kv * dtype.size * kv_sequences,
+                     layers=None if stage is None else stage.layers)
 
 
 class _Shards:
@@ -104,7 +122,8 @@ class _Shards:
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
                input_major: bool | None = None, pack=None, slots: dict[int, int] | None = None,
-               prefetch: bool = True, read_threads: int = 4, source=None) -> Model:
+               prefetch: bool = True, read_threads: int = 4, source=None,
+               stage: range | None = None) -> Model:
     """Build the model; resident routed experts come from the release shards or a pack; the
     layers in `slots` stream through an expert cache of that many slots, reading misses from
     `source` (an `experts.cache.ExpertSource`: the release shards or the pack)."""
@@ -113,7 +132,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
     _expert_biases()  # a bad KIMI_KERNELS is a usage error before anything is built
     if input_major is None:
         input_major = mx.default_device() == mx.cpu
-    model = Model(args, input_major)
+    model = Model(args, input_major, stage)
     cache = None
     if slots:
         cache = attach_expert_cache(model, source or pack, slots, dtype, prefetch,
@@ -139,7 +158,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype, lazy: bool = False,
         put(name, value)
 
     H, nope, v = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
-    for i in range(args.num_hidden_layers):
+    for i in model.stage:
         pre = f"model.layers.{i}."
         kv_b = shards.get(ckpt, pre + "self_attn.kv_b_proj.weight").astype(dtype)
         kv_b = kv_b.reshape(H, nope + v, args.kv_lora_rank)

@@ -149,3 +149,34 @@ def test_piped_chat_shows_no_key_hints_and_sets_agent_answers_apart(env, tmp_pat
     # No terminal to ask on: the write is denied, and the status line says so.
     assert "agent: 2 steps, 2 tool calls, 1 denied" in r.stderr, r.stderr
     assert not (tmp_path / "x.txt").exists()
+
+
+# A stdin pipe nobody writes to (`sleep 30 | kimi run hi`, every rank under mlx.launch)
+
+
+def _run_with_silent_pipe(args: list[str], env: dict[str, str], **extra: str):
+    """`kimi ARGS` with stdin a pipe the test holds open and never writes to."""
+    read_end, write_end = os.pipe()
+    try:
+        p = subprocess.Popen([*KIMI, *args], env={**env, **extra}, stdin=read_end,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.close(read_end)
+        try:
+            # A bound on correctness, not a speed measurement: without the fix the run waits
+            # for the pipe for as long as the test holds it open.
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise AssertionError("kimi waited on a stdin pipe nobody writes to") from None
+    finally:
+        os.close(write_end)
+    return p.returncode, out, err
+
+
+def test_a_prompt_with_a_silent_stdin_pipe_answers_without_reading_it(env):
+    code, out, err = _run_with_silent_pipe(["run", "--print-prompt", "hi"], env)
+    assert code == 0, err
+    assert out.rstrip().endswith("<|im_assistant|>assistant<|im_middle|>")
+    assert "hi<|im_end|>" in out and "\n\nhi" not in out, "no context was prepended"
+

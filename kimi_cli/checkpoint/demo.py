@@ -29,7 +29,20 @@ def ensure_demo_model(progress: Callable[[str], None] | None = None) -> Path:
     if progress:
         progress(f"kimi: building the demo checkpoint once in {path} ...")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_checkpoint(path, DEMO_PRESET, DEMO_SEED)
+    import shutil
+    import tempfile
+
+    # Several processes may build it at once (the ranks of `mlx.launch -n 2` on one machine):
+    # each writes its own directory and the first rename wins.
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".partial-", dir=path.parent))
+    built = write_checkpoint(tmp / "demo", DEMO_PRESET, DEMO_SEED)
+    try:
+        built.rename(path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def ensure_tokenizer_dir() -> Path:

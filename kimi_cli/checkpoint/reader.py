@@ -137,8 +137,9 @@ def check_config(config: dict, path: Path) -> ModelArgs:
     return args
 
 
-def open_checkpoint(path: str | Path, with_experts: bool = True) -> Checkpoint:
-    """Validate a release-format directory and index its tensors (reads headers only)."""
+def open_checkpoint(path: str | Path, with_experts: bool = True, layers=None) -> Checkpoint:
+    """Validate a release-format directory and index its tensors (reads headers only).
+    `layers` (a `distributed.split.LayerRange`): only the tensors, so the shards, it holds."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory")
@@ -162,12 +163,16 @@ def open_checkpoint(path: str | Path, with_experts: bool = True) -> Checkpoint:
             for name in read_safetensors_header(f):
                 weight_map[name] = f.name
 
+    specs = [s for s in checkpoint_specs(args, with_experts)
+             if layers is None or layers.holds(s.name)]
+    needed = set(weight_map.values()) if layers is None else {
+        weight_map[s.name] for s in specs if s.name in weight_map}
     headers: dict[str, dict[str, TensorInfo]] = {}
-    for fname in sorted(set(weight_map.values())):
+    for fname in sorted(needed):
         headers[fname] = read_safetensors_header(path / fname)
 
     ckpt = Checkpoint(path=path, config=config, args=args)
-    for spec in checkpoint_specs(args, with_experts):
+    for spec in specs:
         ckpt.tensors[spec.name] = _find(spec, weight_map, headers, path, index_path)
     return ckpt
 

@@ -432,10 +432,11 @@ class ExpertCache:
 
 
 def plan_slots(args: ModelArgs, budget: int, dtype: mx.Dtype,
-               per_layer: int | None = None) -> dict[int, int]:
-    """Slots per MoE layer for a byte budget (or `per_layer` slots): equal shares; {} when
-    every expert fits."""
-    moe_layers = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
+               per_layer: int | None = None, layers: range | None = None) -> dict[int, int]:
+    """Slots per MoE layer (of `layers`, default all) for a byte budget (or `per_layer`
+    slots): equal shares; {} when every expert fits."""
+    layers = range(args.num_hidden_layers) if layers is None else layers
+    moe_layers = [i for i in layers if args.is_moe_layer(i)]
     per_expert = slot_nbytes(args, dtype)
     E, k = args.n_routed_experts, args.num_experts_per_tok
     if per_layer is None:
@@ -533,11 +534,11 @@ class CachePlan:
 
 
 def make_plan(args: ModelArgs, spec: str | int | None, dtype: mx.Dtype, resident_bytes: int,
-              kv_bytes: int) -> CachePlan:
+              kv_bytes: int, layers: range | None = None) -> CachePlan:
     """Turn `--expert-cache` into slots: auto (the default) streams only when the resident
     model would not fit in this machine's memory; off keeps every expert resident."""
     kind, value = parse_cache_spec(spec)
-    moe = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
+    moe = sum(args.is_moe_layer(i) for i in (layers or range(args.num_hidden_layers)))
     per_expert = slot_nbytes(args, dtype)
     text = str(spec) if spec is not None else "auto"
     if isinstance(spec, int):
@@ -555,7 +556,7 @@ def make_plan(args: ModelArgs, spec: str | int | None, dtype: mx.Dtype, resident
     else:
         per_layer = int(args.n_routed_experts * value)
         plan.budget = per_layer * per_expert * moe
-    plan.slots = plan_slots(args, plan.budget, dtype, per_layer)
+    plan.slots = plan_slots(args, plan.budget, dtype, per_layer, layers)
     return plan
 
 

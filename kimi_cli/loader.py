@@ -54,9 +54,14 @@ def load(path: str | os.PathLike, *, dtype: mx.Dtype | None = None, lazy: bool =
         if launched():
             from .distributed.pipeline import load_pipeline
 
-            return load_pipeline(path, dtype=dtype, lazy=lazy, expert_cache=expert_cache,
-                                 prefetch=prefetch, read_threads=read_threads, pinned=pinned,
-                                 log=log)
+            dtype = dtype or default_dtype()
+
+            def load_stage(root, stage):
+                return load(root, dtype=dtype, lazy=lazy, expert_cache=expert_cache,
+                            prefetch=prefetch, read_threads=read_threads, pinned=pinned,
+                            log=log, kv_sequences=kv_sequences, stage=stage)
+
+            return load_pipeline(path, load_stage, dtype)
     from .experts.pack import is_pack_dir, open_pack
     from .experts.release import ReleaseSource
 

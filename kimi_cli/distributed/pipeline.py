@@ -283,13 +283,11 @@ def follow(stage, group, block: LayerRange, dtype) -> None:
         _send(out, nxt, group)
 
 
-def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
-                  prefetch: bool = True, read_threads: int = 4, pinned=None, log=None):
-    """Join the group, agree on the checkpoint and the split, load this rank's block; rank 0
+def load_pipeline(path, load_stage, dtype: mx.Dtype):
+    """Join the group, agree on the checkpoint and the split, load this rank's block with
+    `load_stage(root, stage)` (the loader's own `load`, handed in: the loader calls us); rank 0
     returns (PipelineModel, tokenizer), the other ranks follow rank 0 and exit here."""
     import os
-
-    from ..loader import default_dtype, load
 
     group = init_group()
     stop_on_sigterm()
@@ -297,7 +295,6 @@ def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
     root = resolve_model_path(path)
     cfg = read_json(root / "config.json")
     args = check_config(cfg, root / "config.json")
-    dtype = dtype or default_dtype()
     split_text = os.environ.get("KIMI_SPLIT", "auto")
     try:
         mine = parse_split(split_text, world, args.num_hidden_layers)
@@ -319,9 +316,7 @@ def load_pipeline(path, *, dtype=None, lazy: bool = False, expert_cache=None,
     memories = [row[HASH_WORDS] << 20 for row in table]
     sizes = mine or proportional_split(memories, layer_bytes(args))
     blocks = ranges(sizes, args.num_hidden_layers)
-    model, tok = load(root, dtype=dtype, lazy=lazy, expert_cache=expert_cache,
-                      prefetch=prefetch, read_threads=read_threads, pinned=pinned, log=log,
-                      stage=blocks[rank])
+    model, tok = load_stage(root, blocks[rank])
     try:
         mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))  # every rank has loaded
     except RuntimeError as e:

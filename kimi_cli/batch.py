@@ -54,13 +54,8 @@ def make_sampler(settings: SamplingSettings) -> tuple[Sampler, int | None]:
     return sample, seed
 
 
-def kv_bytes_per_token(args, dtype: mx.Dtype) -> int:
-    """One token's latent KV cache over all layers (MLA: the latent and the rope key)."""
-    return (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers * dtype.size
-
-
 def batch_kv_bytes(args, dtype: mx.Dtype, sequences: int, context: int) -> int:
-    return sequences * context * kv_bytes_per_token(args, dtype)
+    return sequences * context * args.kv_bytes_per_token(dtype.size)
 
 
 def check_batch_fits(model, sequences: int, context: int, memory: int | None = None) -> None:
@@ -83,7 +78,7 @@ def check_batch_fits(model, sequences: int, context: int, memory: int | None = N
     if need > free:
         raise KimiError(
             f"{sequences} sequences of up to {context:,} tokens need {fmt_bytes(need)} of KV "
-            f"cache ({fmt_bytes(kv_bytes_per_token(args, dtype))} per token); "
+            f"cache ({fmt_bytes(args.kv_bytes_per_token(dtype.size))} per token); "
             f"{fmt_bytes(free)} is free beside the weights ({fmt_bytes(weights)}), the expert "
             f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: use fewer "
             "--trajectories, a lower --max-tokens or a smaller --expert-cache")

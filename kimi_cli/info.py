@@ -293,7 +293,7 @@ def fit(args: ModelArgs, context: int = DEFAULT_CONTEXT, expert_cache: str | Non
     resident = sum(math.prod(s.shape) * (4 if s.dtypes == ("F32",) else dtype.size)
                    for s in specs)
     embed = args.vocab_size * args.hidden_size * dtype.size
-    kv_token = (args.kv_lora_rank + args.qk_rope_head_dim) * args.num_hidden_layers * dtype.size
+    kv_token = args.kv_bytes_per_token(dtype.size)
     kv = kv_token * context
     moe = [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
     E, k = args.n_routed_experts, args.num_experts_per_tok

@@ -101,9 +101,9 @@ def plan_cache(ckpt: Checkpoint, spec: str | int | None, dtype: mx.Dtype,
     args = ckpt.args
     resident = sum(t.nbytes * (1 if t.dtype == "F32" else max(1, dtype.size // 2))
                    for t in ckpt.tensors.values() if ".mlp.experts." not in t.name)
-    n_layers = args.num_hidden_layers if stage is None else len(stage.layers)
-    kv = config.FIT_CONTEXT * (args.kv_lora_rank + args.qk_rope_head_dim) * n_layers
-    return make_plan(args, spec, dtype, resident, kv * dtype.size * kv_sequences,
+    kv = config.FIT_CONTEXT * args.kv_bytes_per_token(
+        dtype.size, None if stage is None else len(stage.layers))
+    return make_plan(args, spec, dtype, resident, kv * kv_sequences,
                      layers=None if stage is None else stage.layers)
 
 

@@ -44,6 +44,12 @@ class ModelArgs:
         names = inspect.signature(cls).parameters
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def kv_bytes_per_token(self, dtype_size: int, layers: int | None = None) -> int:
+        """One token's latent KV cache over `layers` (default all): MLA keeps the compressed
+        latent and the rope key per layer, nothing per head."""
+        n = self.num_hidden_layers if layers is None else layers
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * n * dtype_size
+
     def is_moe_layer(self, idx: int) -> bool:
         return (
             self.n_routed_experts is not None

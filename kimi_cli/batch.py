@@ -63,7 +63,9 @@ def batch_kv_bytes(args, dtype: mx.Dtype, sequences: int, context: int) -> int:
     return sequences * context * kv_bytes_per_token(args, dtype)
 
 
-def check_batch_fits(model, sequences: int, context: int, memory: int | None = None) -> None:
+def check_batch_fits(model, sequences: int, context: int, memory: int | None = None,
+                     remedy: str = "use fewer --trajectories, a lower --max-tokens or a "
+                                   "smaller --expert-cache") -> None:
     """Refuse a batch whose KV cache (`sequences` x `context` tokens) cannot fit beside the
     weights and the expert cache, with the headroom the automatic expert budget keeps."""
     from mlx.utils import tree_flatten
@@ -85,8 +87,7 @@ def check_batch_fits(model, sequences: int, context: int, memory: int | None = N
             f"{sequences} sequences of up to {context:,} tokens need {fmt_bytes(need)} of KV "
             f"cache ({fmt_bytes(kv_bytes_per_token(args, dtype))} per token); "
             f"{fmt_bytes(free)} is free beside the weights ({fmt_bytes(weights)}), the expert "
-            f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: use fewer "
-            "--trajectories, a lower --max-tokens or a smaller --expert-cache")
+            f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: {remedy}")
 
 
 @dataclass

@@ -966,6 +966,10 @@ def serve(
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Requests that may wait for the model; one more gets 503.")] = (
         config.SERVE_MAX_QUEUE),
+    parallel: Annotated[int, typer.Option(
+        "--parallel", "-np", help="Sequences decoded at once: concurrent requests (and a "
+        "request's n choices) share one batch; 1 runs requests one at a time.")] = (
+        config.SERVE_PARALLEL),
     expert_cache: ExpertCacheOpt = None,
     no_prefetch: Annotated[bool, typer.Option(
         "--no-prefetch", help="Expert cache: do not prefetch the next layer's experts.")] = False,
@@ -978,7 +982,8 @@ def serve(
     with _errors(debug):
         if not 0 <= port <= 65535:
             raise UsageError("--port must be in 0-65535")
-        for name, value in (("--context-limit", context_limit), ("--max-queue", max_queue)):
+        for name, value in (("--context-limit", context_limit), ("--max-queue", max_queue),
+                            ("--parallel", parallel)):
             if value < 1:
                 raise UsageError(f"{name} must be at least 1")
         if not model_name.strip():
@@ -1010,9 +1015,13 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
             _err(f"kimi: warning: listening on {host} without --api-key: anyone who can reach "
                  "this port can use the model")
+        from .batch import check_batch_fits
+
+        check_batch_fits(mdl, parallel, context_limit, remedy="use a lower --parallel, a "
+                         "lower --context-limit or a smaller --expert-cache")
         served = Served(tok, model_name, {spec, Path(spec).name}, context_limit,
-                        reasoning_field.value)
-        run_server(served, Engine(mdl, tok), host, port, api_key, max_queue)
+                        reasoning_field.value, parallel)
+        run_server(served, Engine(mdl, tok), host, port, api_key, max_queue, parallel)
 
 
 class BenchFormat(str, Enum):

@@ -103,14 +103,18 @@ class Sequence:
     t_first: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     cache: list | None = None  # a batch-of-one cache until the sequence joins the batch
+    prompt_ids: list[int] = field(default_factory=list)
 
 
 class BatchDecoder:
     """A running batch over one model: `add` sequences (prefilled at once), `step` them all
     forward by one token, `cancel` one. Events come back as (uid, Token | Done) pairs."""
 
-    def __init__(self, model, tokenizer, engine: Engine | None = None):
+    def __init__(self, model, tokenizer, engine: Engine | None = None, keep_kv: bool = False):
         self.model = model
+        # keep_kv: the last sequence to leave hands its KV back to the engine (a server's next
+        # request that extends it, an agent's next turn, prefills only its new tokens).
+        self.keep_kv = keep_kv
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, tokenizer)  # prefills; keeps the prompt's KV
         self.rows: list[Sequence] = []  # in the batch, in the order of the cache's rows
@@ -143,7 +147,7 @@ class BatchDecoder:
         self._next_uid += 1
         stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         seq = Sequence(uid, settings, stop, sample, seed, self.tokenizer.detokenizer(), Stats(),
-                       time.perf_counter())
+                       time.perf_counter(), prompt_ids=list(prompt_ids))
         self.seeds[uid] = seed
         begin = getattr(self.model, "begin_generation", None)
         if begin is not None:  # the scripted test double starts this sequence's output
@@ -201,6 +205,8 @@ class BatchDecoder:
         mx.eval(ys, [c.state for c in self.cache])
         keep = [i for i, (s, y) in enumerate(zip(self.rows, ys))
                 if not self._take(s, y.item(), events)]
+        if self.keep_kv and not keep and len(self.rows) == 1:
+            self._return_kv(self.rows[0])
         self._leave(keep)
         return events
 
@@ -245,6 +251,21 @@ class BatchDecoder:
         st.generation_time = time.perf_counter() - (seq.t_first or seq.t0)
         st.peak_memory_gb = mx.get_peak_memory() / 1e9
         return Done(finish, list(seq.token_ids), st)
+
+    def _return_kv(self, seq: Sequence) -> None:
+        """The engine's cache becomes this (only) row's: its prompt and all but its last token
+        (whose KV no step has computed), as after `Engine.generate`."""
+        ids = seq.prompt_ids + seq.token_ids[:-1]
+        if any(c.lengths[0] != len(ids) for c in self.cache):
+            return  # not the shape this expects: the engine keeps the prompt's KV
+        cache = self.model.make_cache()
+        for single, rows in zip(cache, self.cache):
+            single.offset = len(ids)
+            latent = getattr(rows, "latent", None)
+            if latent is not None:
+                single.latent = latent[:1, :, rows.idx - len(ids) : rows.idx, :]
+        self.engine.cache, self.engine.cached_ids = cache, ids
+        self._last = None
 
     def _leave(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):

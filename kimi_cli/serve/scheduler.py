@@ -105,7 +105,7 @@ class Scheduler:
     """A fair queue in front of one model; `run_forever` runs on the thread that owns it.
 
     `parallel` sequences at most are decoded at once; 1 runs jobs one at a time through the
-    engine, which keeps the generated tokens' KV too (the batch keeps only the prompt's).
+    engine. Either way the last sequence to finish leaves its KV (prompt and reply) for reuse.
     """
 
     def __init__(self, engine: Engine, max_queue: int,
@@ -163,7 +163,7 @@ class Scheduler:
             return
         from ..batch import BatchDecoder
 
-        decoder = BatchDecoder(self.engine.model, self.engine.tokenizer, self.engine)
+        decoder = BatchDecoder(self.engine.model, self.engine.tokenizer, self.engine, keep_kv=True)
         try:
             while stop is None or not stop.is_set():
                 self._admit(decoder)

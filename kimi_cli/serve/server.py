@@ -270,7 +270,7 @@ def _describe(e: Exception) -> str:
 def _usage_note(u: Usage, reason: str, stream: bool, batch: int) -> str:
     return (f"{'stream' if stream else 'whole'} | prompt {u.prompt_tokens} tokens "
             f"({u.cached_tokens} cached), ttft {u.ttft:.2f} s | {u.completion_tokens} generated, "
-            f"{u.generation_tps:.1f} tok/s | batch {batch} | {reason}")
+            f"{u.generation_tps:.1f} tok/s | {reason} | batch {batch}")
 
 
 def serve(served: Served, engine, host: str, port: int, api_key: str | None = None,

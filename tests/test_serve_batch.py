@@ -250,3 +250,20 @@ def read_events(reader, n: int) -> None:
         assert line, "the server closed the stream"
         seen += line.startswith(b"data: ")
 
+
+
+def test_a_finished_request_leaves_its_reply_in_the_kv_cache_for_the_next(ckpt, tiny_ckpt, env):
+    run = subprocess.run([*KIMI, "run", "--model", str(tiny_ckpt), "--raw", "-t", "0", "-n", "8",
+                          "--format", "json", "Tell me"], env=env, capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL)
+    done = json.loads(run.stdout)
+    prompt, reply = done["prompt_token_ids"], done["token_ids"]
+    first = complete(ckpt, prompt, 8)
+    assert first.choices[0].text == done["text"]
+    # The next prompt extends the first's prompt and reply: only the last token is prefilled.
+    follow = complete(ckpt, prompt + reply, 6)
+    assert follow.usage.prompt_tokens_details.cached_tokens == len(prompt) + len(reply) - 1
+    complete(ckpt, [1, 2, 3], 2)  # another prompt takes the cache
+    fresh = complete(ckpt, prompt + reply, 6)
+    assert fresh.usage.prompt_tokens_details.cached_tokens < len(prompt)
+    assert fresh.choices[0].text == follow.choices[0].text  # the kept KV is the right KV

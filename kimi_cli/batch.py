@@ -54,34 +54,49 @@ def make_sampler(settings: SamplingSettings) -> tuple[Sampler, int | None]:
     return sample, seed
 
 
-def batch_kv_bytes(args, dtype: mx.Dtype, sequences: int, context: int) -> int:
-    return sequences * context * args.kv_bytes_per_token(dtype.size)
-
-
-def check_batch_fits(model, sequences: int, context: int, memory: int | None = None) -> None:
-    """Refuse a batch whose KV cache (`sequences` x `context` tokens) cannot fit beside the
-    weights and the expert cache, with the headroom the automatic expert budget keeps."""
+def _kv_room(model, memory: int | None = None):
+    """What the KV cache may use: (per-token bytes, free bytes, weights, expert cache, headroom)
+    beside the weights and the expert cache, with the automatic expert budget's headroom;
+    None for a model without a KV cache (the scripted test double)."""
     from mlx.utils import tree_flatten
 
-    from .experts.cache import _machine_memory, fmt_bytes
+    from .experts.cache import _machine_memory
 
     args = getattr(model, "args", None)
-    if args is None:  # the scripted test double has no KV cache
-        return
-    dtype = model.model.embed_tokens.weight.dtype
-    need = batch_kv_bytes(args, dtype, sequences, context)
+    if args is None:
+        return None
+    per_token = args.kv_bytes_per_token(model.model.embed_tokens.weight.dtype.size)
     memory = memory or _machine_memory()
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     experts = model.expert_cache.stats.resident_bytes if model.expert_cache is not None else 0
     headroom = max(8 << 30, int(0.15 * memory))
-    free = max(0, memory - weights - experts - headroom)
+    return per_token, max(0, memory - weights - experts - headroom), weights, experts, headroom
+
+
+def max_batch_context(model, sequences: int, memory: int | None = None) -> int | None:
+    """The most tokens each of `sequences` sequences may hold with the KV cache fitting."""
+    room = _kv_room(model, memory)
+    return None if room is None else room[1] // (sequences * room[0])
+
+
+def check_batch_fits(model, sequences: int, context: int, memory: int | None = None,
+                     remedy: str = "use fewer --trajectories, a lower --max-tokens or a "
+                                   "smaller --expert-cache") -> None:
+    """Refuse a batch whose KV cache (`sequences` x `context` tokens) cannot fit beside the
+    weights and the expert cache, with the headroom the automatic expert budget keeps."""
+    from .experts.cache import fmt_bytes
+
+    room = _kv_room(model, memory)
+    if room is None:
+        return
+    per_token, free, weights, experts, headroom = room
+    need = sequences * context * per_token
     if need > free:
         raise KimiError(
             f"{sequences} sequences of up to {context:,} tokens need {fmt_bytes(need)} of KV "
-            f"cache ({fmt_bytes(args.kv_bytes_per_token(dtype.size))} per token); "
+            f"cache ({fmt_bytes(per_token)} per token); "
             f"{fmt_bytes(free)} is free beside the weights ({fmt_bytes(weights)}), the expert "
-            f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: use fewer "
-            "--trajectories, a lower --max-tokens or a smaller --expert-cache")
+            f"cache ({fmt_bytes(experts)}) and {fmt_bytes(headroom)} of headroom: {remedy}")
 
 
 @dataclass
@@ -97,14 +112,18 @@ class Sequence:
     t_first: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     cache: list | None = None  # a batch-of-one cache until the sequence joins the batch
+    prompt_ids: list[int] = field(default_factory=list)
 
 
 class BatchDecoder:
     """A running batch over one model: `add` sequences (prefilled at once), `step` them all
     forward by one token, `cancel` one. Events come back as (uid, Token | Done) pairs."""
 
-    def __init__(self, model, tokenizer, engine: Engine | None = None):
+    def __init__(self, model, tokenizer, engine: Engine | None = None, keep_kv: bool = False):
         self.model = model
+        # keep_kv: the last sequence to leave hands its KV back to the engine (a server's next
+        # request that extends it, an agent's next turn, prefills only its new tokens).
+        self.keep_kv = keep_kv
         self.tokenizer = tokenizer
         self.engine = engine or Engine(model, tokenizer)  # prefills; keeps the prompt's KV
         self.rows: list[Sequence] = []  # in the batch, in the order of the cache's rows
@@ -137,7 +156,7 @@ class BatchDecoder:
         self._next_uid += 1
         stop = self.tokenizer.stop_ids if stop_ids is None else stop_ids
         seq = Sequence(uid, settings, stop, sample, seed, self.tokenizer.detokenizer(), Stats(),
-                       time.perf_counter())
+                       time.perf_counter(), prompt_ids=list(prompt_ids))
         self.seeds[uid] = seed
         begin = getattr(self.model, "begin_generation", None)
         if begin is not None:  # the scripted test double starts this sequence's output
@@ -195,6 +214,8 @@ class BatchDecoder:
         mx.eval(ys, [c.state for c in self.cache])
         keep = [i for i, (s, y) in enumerate(zip(self.rows, ys))
                 if not self._take(s, y.item(), events)]
+        if self.keep_kv and not keep and len(self.rows) == 1:
+            self._return_kv(self.rows[0])
         self._leave(keep)
         return events
 
@@ -239,6 +260,21 @@ class BatchDecoder:
         st.generation_time = time.perf_counter() - (seq.t_first or seq.t0)
         st.peak_memory_gb = mx.get_peak_memory() / 1e9
         return Done(finish, list(seq.token_ids), st)
+
+    def _return_kv(self, seq: Sequence) -> None:
+        """The engine's cache becomes this (only) row's: its prompt and all but its last token
+        (whose KV no step has computed), as after `Engine.generate`."""
+        ids = seq.prompt_ids + seq.token_ids[:-1]
+        if any(c.lengths[0] != len(ids) for c in self.cache):
+            return  # not the shape this expects: the engine keeps the prompt's KV
+        cache = self.model.make_cache()
+        for single, rows in zip(cache, self.cache):
+            single.offset = len(ids)
+            latent = getattr(rows, "latent", None)
+            if latent is not None:
+                single.latent = latent[:1, :, rows.idx - len(ids) : rows.idx, :]
+        self.engine.cache, self.engine.cached_ids = cache, ids
+        self._last = None
 
     def _leave(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):

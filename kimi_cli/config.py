@@ -85,4 +85,6 @@ SERVE_HOST = "127.0.0.1"  # loopback unless the user asks for more
 SERVE_PORT = 8000
 SERVE_MODEL_NAME = "kimi-k2-thinking"  # the id clients send (Moonshot's API name for the model)
 SERVE_MAX_QUEUE = 16  # requests waiting for the engine; one more gets 503
+SERVE_MIN_CONTEXT = 4096  # `kimi serve` shrinks its default context to fit, but not below this
+SERVE_PARALLEL = 4  # sequences `kimi serve` decodes at once (continuous batching)
 SERVE_MAX_BODY = 64 * 1024 * 1024  # bytes of one request body

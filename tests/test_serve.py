@@ -236,7 +236,7 @@ def test_every_request_is_one_log_line_with_tokens_and_speed(answers):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, 400,
      "max_tokens: expected an integer"),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "only n=1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 5}, 400, "must be in 1-4"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
      "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4o"}, 404, "not found"),
@@ -443,7 +443,7 @@ def test_a_client_leaving_a_whole_reply_request_stops_it_too(start):
 
 
 def test_a_full_queue_answers_503_and_the_queued_request_is_answered(start):
-    srv = start([LONG, ANSWER], "--max-queue", "1", rate=40)
+    srv = start([LONG, ANSWER], "--max-queue", "1", "--parallel", "1", rate=40)
     holder, reader = _open_stream(srv)  # runs LONG: the engine is busy
     with holder, reader:
         assert reader.readline().startswith(b"HTTP/1.1 200")

@@ -51,12 +51,17 @@ def serve(
     model_name: Annotated[str, typer.Option(
         "--model-name", help="The model id clients send and /v1/models lists.")] = (
         config.SERVE_MODEL_NAME),
-    context_limit: Annotated[int, typer.Option(
+    context_limit: Annotated[int | None, typer.Option(
         "--context-limit", help="Prompt plus completion tokens per request; longer requests "
-        "get 400.")] = config.CONTEXT_LENGTH,
+        "get 400.", show_default=f"{config.CONTEXT_LENGTH}, or what the KV cache has room "
+        "for")] = None,
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Requests that may wait for the model; one more gets 503.")] = (
         config.SERVE_MAX_QUEUE),
+    parallel: Annotated[int | None, typer.Option(
+        "--parallel", "-np", help="Sequences decoded at once: concurrent requests (and a "
+        "request's n choices) share one batch; 1 runs requests one at a time.",
+        show_default=f"as many as fit, up to {config.SERVE_PARALLEL}")] = None,
     expert_cache: ExpertCacheOpt = None,
     no_prefetch: NoPrefetchOpt = False,
     pin_experts: PinExpertsOpt = None,
@@ -66,7 +71,10 @@ def serve(
     with _errors(debug):
         if not 0 <= port <= 65535:
             raise UsageError("--port must be in 0-65535")
-        for name, value in (("--context-limit", context_limit), ("--max-queue", max_queue)):
+        context_given = context_limit is not None
+        context_limit = config.CONTEXT_LENGTH if context_limit is None else context_limit
+        for name, value in (("--context-limit", context_limit), ("--max-queue", max_queue),
+                            ("--parallel", 1 if parallel is None else parallel)):
             if value < 1:
                 raise UsageError(f"{name} must be at least 1")
         if not model_name.strip():
@@ -98,6 +106,33 @@ def serve(
         if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
             _err(f"kimi: warning: listening on {host} without --api-key: anyone who can reach "
                  "this port can use the model")
+        parallel, context_limit = _batch_plan(mdl, parallel, context_limit, context_given)
         served = Served(tok, model_name, {spec, Path(spec).name}, context_limit,
-                        reasoning_field.value)
-        run_server(served, Engine(mdl, tok), host, port, api_key, max_queue)
+                        reasoning_field.value, parallel)
+        run_server(served, Engine(mdl, tok), host, port, api_key, max_queue, parallel)
+
+
+def _batch_plan(mdl, parallel: int | None, context: int, context_given: bool) -> tuple[int, int]:
+    """(sequences decoded at once, tokens per request) whose KV cache fits beside the weights
+    and the expert cache. What the user set is refused if it cannot fit; what they left to us
+    shrinks to fit (fewer sequences first, then a shorter context), said in one line."""
+    from ..batch import check_batch_fits, max_batch_context
+
+    remedy = "use a lower --parallel, a lower --context-limit or a smaller --expert-cache"
+    counts = [parallel] if parallel is not None else range(config.SERVE_PARALLEL, 0, -1)
+    for n in counts:
+        room = max_batch_context(mdl, n)
+        if room is None or room >= context:
+            if parallel is None and n < config.SERVE_PARALLEL:
+                _err(f"kimi: serving {n} request{'s' * (n > 1)} at a time: that is what the KV "
+                     f"cache has room for at {context:,} tokens each (--parallel, "
+                     "--context-limit, --expert-cache)")
+            return n, context
+    n = counts[-1]
+    room = max_batch_context(mdl, n)
+    if context_given or room < config.SERVE_MIN_CONTEXT:
+        check_batch_fits(mdl, n, context, remedy=remedy)  # raises, with the numbers
+    _err(f"kimi: requests of up to {room:,} tokens, {n} at a time: that is what the KV cache "
+         f"has room for beside the weights and the expert cache (--context-limit, "
+         "--parallel, --expert-cache)")
+    return n, room

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 from .plan import Plan, Served, sampling
-from .stream import CallArgs, CallEnd, CallStart, Finish, Reasoning, Text, Usage
+from .stream import CallArgs, CallStart, Finish, Reasoning, Text, Usage, total_usage
 from .wire import ApiError, bad, field, string_list
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -33,16 +33,18 @@ def _max_tokens(body: dict) -> int | None:
     return value if value is not None else field(body, "max_tokens", int)
 
 
-def _common(body: dict) -> tuple[bool, bool]:
+def _common(body: dict, served: Served) -> tuple[bool, bool, int]:
     stream = field(body, "stream", bool, False)
     options = field(body, "stream_options", dict, {})
     include_usage = field(options, "include_usage", bool, False, where="stream_options.")
     n = field(body, "n", int, 1)
-    if n != 1:
-        raise bad("n", "only n=1 is supported (one model, one generation at a time)")
+    if not 1 <= n <= served.parallel:
+        raise bad("n", f"must be in 1-{served.parallel}: the choices are decoded in one batch "
+                       f"and this server decodes at most {served.parallel} sequences at once "
+                       "(kimi serve --parallel)")
     if field(body, "logprobs", (bool, int), False):
         raise bad("logprobs", "not supported")
-    return stream, include_usage
+    return stream, include_usage, n
 
 
 def chat_plan(body: dict, served: Served) -> Plan:
@@ -56,11 +58,11 @@ def chat_plan(body: dict, served: Served) -> Plan:
     if choice not in ("auto", "none"):
         raise bad("tool_choice", "only \"auto\" and \"none\" are supported")
     kwargs = field(body, "chat_template_kwargs", dict, {})
-    stream, include_usage = _common(body)
+    stream, include_usage, n = _common(body, served)
     ids = served.render(messages, tools if choice == "auto" else None, kwargs)
     settings = sampling(body, served, len(ids), _max_tokens(body), "openai")
     return Plan(ids, settings, string_list(body, "stop", limit=4), stream,
-                include_usage=include_usage)
+                include_usage=include_usage, n=n)
 
 
 def completion_plan(body: dict, served: Served) -> Plan:
@@ -78,10 +80,10 @@ def completion_plan(body: dict, served: Served) -> Plan:
     ids = served.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise bad("prompt", "must not be empty")
-    stream, include_usage = _common(body)
+    stream, include_usage, n = _common(body, served)
     settings = sampling(body, served, len(ids), field(body, "max_tokens", int), "openai")
     return Plan(ids, settings, string_list(body, "stop", limit=4), stream, raw=True,
-                include_usage=include_usage)
+                include_usage=include_usage, n=n)
 
 
 def _text(content, where: str) -> str | None:
@@ -168,99 +170,113 @@ def _call_dict(start: CallStart, arguments: str) -> dict:
 
 
 def chat_response(events: Iterator, served: Served) -> dict | None:
-    """The whole `chat.completion` object; None if the client went away."""
-    reasoning, content = [], []
-    calls: dict[int, tuple[CallStart, list[str]]] = {}
-    finish = None
-    for ev in events:
+    """The whole `chat.completion` object from (choice, event) pairs; None if the client
+    went away."""
+    choices: dict[int, dict] = {}
+    finishes: dict[int, Finish] = {}
+    for i, ev in events:
+        c = choices.setdefault(i, {"reasoning": [], "content": [], "calls": {}})
         if isinstance(ev, Reasoning):
-            reasoning.append(ev.text)
+            c["reasoning"].append(ev.text)
         elif isinstance(ev, Text):
-            content.append(ev.text)
+            c["content"].append(ev.text)
         elif isinstance(ev, CallStart):
-            calls[ev.index] = (ev, [])
+            c["calls"][ev.index] = (ev, [])
         elif isinstance(ev, CallArgs):
-            calls[ev.index][1].append(ev.text)
+            c["calls"][ev.index][1].append(ev.text)
         elif isinstance(ev, Finish):
-            finish = ev
-    if finish is None:
+            finishes[i] = ev
+    if not finishes or len(finishes) < len(choices):
         return None
-    message: dict = {"role": "assistant", "content": "".join(content)}
-    if reasoning:
-        message.update(_reasoning(served, "".join(reasoning)))
-    if calls:
-        message["tool_calls"] = [_call_dict(s, "".join(a)) for s, a in calls.values()]
-        message["content"] = message["content"] or None
+    out = []
+    for i in sorted(choices):
+        c = choices[i]
+        message: dict = {"role": "assistant", "content": "".join(c["content"])}
+        if c["reasoning"]:
+            message.update(_reasoning(served, "".join(c["reasoning"])))
+        if c["calls"]:
+            message["tool_calls"] = [_call_dict(s, "".join(a)) for s, a in c["calls"].values()]
+            message["content"] = message["content"] or None
+        reason = finishes[i].reason
+        out.append({"index": i, "message": message, "logprobs": None,
+                    "finish_reason": FINISH.get(reason, reason)})
     return {"id": _id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-            "model": served.name,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": FINISH.get(finish.reason, finish.reason)}],
-            "usage": usage_dict(finish.usage)}
+            "model": served.name, "choices": out,
+            "usage": usage_dict(total_usage([finishes[i].usage for i in sorted(finishes)]))}
 
 
 def chat_chunks(events: Iterator, served: Served, plan: Plan) -> Iterator[dict]:
-    """`chat.completion.chunk` objects: a role chunk, deltas, the finish, then usage."""
+    """`chat.completion.chunk` objects: each choice's role chunk, deltas and finish (chunks
+    carry their choice's index), then the usage of them all."""
     cid, created = _id("chatcmpl"), int(time.time())
+    usages: dict[int, Usage] = {}
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
+    def chunk(i: int, delta: dict, finish: str | None = None) -> dict:
         return {"id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": served.name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "choices": [{"index": i, "delta": delta, "logprobs": None,
                              "finish_reason": finish}]}
 
-    yield chunk({"role": "assistant", "content": ""})
-    for ev in events:
+    for i in range(plan.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    for i, ev in events:
         if isinstance(ev, Reasoning):
-            yield chunk(_reasoning(served, ev.text))
+            yield chunk(i, _reasoning(served, ev.text))
         elif isinstance(ev, Text):
-            yield chunk({"content": ev.text})
+            yield chunk(i, {"content": ev.text})
         elif isinstance(ev, CallStart):
-            yield chunk({"tool_calls": [{"index": ev.index, **_call_dict(ev, "")}]})
+            yield chunk(i, {"tool_calls": [{"index": ev.index, **_call_dict(ev, "")}]})
         elif isinstance(ev, CallArgs):
-            yield chunk({"tool_calls": [{"index": ev.index,
-                                         "function": {"arguments": ev.text}}]})
-        elif isinstance(ev, CallEnd):
-            continue
+            yield chunk(i, {"tool_calls": [{"index": ev.index,
+                                            "function": {"arguments": ev.text}}]})
         elif isinstance(ev, Finish):
-            yield chunk({}, FINISH.get(ev.reason, ev.reason))
-            if plan.include_usage:
+            yield chunk(i, {}, FINISH.get(ev.reason, ev.reason))
+            usages[i] = ev.usage
+            if plan.include_usage and len(usages) == plan.n:
                 yield {"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": served.name, "choices": [], "usage": usage_dict(ev.usage)}
+                       "model": served.name, "choices": [],
+                       "usage": usage_dict(total_usage([usages[k] for k in sorted(usages)]))}
 
 
 def completion_response(events: Iterator, served: Served) -> dict | None:
-    text, finish = [], None
-    for ev in events:
+    texts: dict[int, list[str]] = {}
+    finishes: dict[int, Finish] = {}
+    for i, ev in events:
+        text = texts.setdefault(i, [])
         if isinstance(ev, Text):
             text.append(ev.text)
         elif isinstance(ev, Finish):
-            finish = ev
-    if finish is None:
+            finishes[i] = ev
+    if not finishes or len(finishes) < len(texts):
         return None
     return {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()),
             "model": served.name,
-            "choices": [{"index": 0, "text": "".join(text), "logprobs": None,
-                         "finish_reason": FINISH.get(finish.reason, finish.reason)}],
-            "usage": usage_dict(finish.usage)}
+            "choices": [{"index": i, "text": "".join(texts[i]), "logprobs": None,
+                         "finish_reason": FINISH.get(finishes[i].reason, finishes[i].reason)}
+                        for i in sorted(texts)],
+            "usage": usage_dict(total_usage([finishes[i].usage for i in sorted(finishes)]))}
 
 
 def completion_chunks(events: Iterator, served: Served, plan: Plan) -> Iterator[dict]:
     cid, created = _id("cmpl"), int(time.time())
+    usages: dict[int, Usage] = {}
 
-    def chunk(text: str, finish: str | None = None) -> dict:
+    def chunk(i: int, text: str, finish: str | None = None) -> dict:
         return {"id": cid, "object": "text_completion", "created": created,
                 "model": served.name,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
+                "choices": [{"index": i, "text": text, "logprobs": None,
                              "finish_reason": finish}]}
 
-    for ev in events:
+    for i, ev in events:
         if isinstance(ev, Text):
-            yield chunk(ev.text)
+            yield chunk(i, ev.text)
         elif isinstance(ev, Finish):
-            yield chunk("", FINISH.get(ev.reason, ev.reason))
-            if plan.include_usage:
+            yield chunk(i, "", FINISH.get(ev.reason, ev.reason))
+            usages[i] = ev.usage
+            if plan.include_usage and len(usages) == plan.n:
                 yield {"id": cid, "object": "text_completion", "created": created,
-                       "model": served.name, "choices": [], "usage": usage_dict(ev.usage)}
+                       "model": served.name, "choices": [],
+                       "usage": usage_dict(total_usage([usages[k] for k in sorted(usages)]))}
 
 
 def stream_error(err: ApiError) -> str:

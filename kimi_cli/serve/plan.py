@@ -21,6 +21,7 @@ class Served:
     aliases: set[str]
     context_limit: int
     reasoning_field: str = "reasoning_content"  # reasoning_content, reasoning or both
+    parallel: int = 1  # the most sequences decoded at once (the most choices of a request)
 
     def check_model(self, body: dict, required: bool = False) -> str:
         model = get(body, "model", str, required=required)
@@ -52,6 +53,7 @@ class Plan:
     raw: bool = False  # /v1/completions: no chat parsing
     include_usage: bool = False  # OpenAI stream_options.include_usage
     thinking: bool = True  # Anthropic: send thinking blocks
+    n: int = 1  # OpenAI: choices of the same prompt, decoded in one batch
 
 
 def sampling(body: dict, served: Served, prompt_tokens: int, max_tokens: int | None,

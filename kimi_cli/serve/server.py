@@ -22,7 +22,7 @@ from ..errors import KimiError
 from . import anthropic_api, openai_api
 from .plan import Plan, Served
 from .scheduler import Job, Scheduler
-from .stream import Finish, Usage, reply_events
+from .stream import Finish, Usage, choice_events, reply_events, total_usage
 from .wire import ApiError, anthropic_error, openai_error
 
 
@@ -162,6 +162,7 @@ class Handler(BaseHTTPRequestHandler):
     def _health(self) -> dict:
         sched = self.server.scheduler
         return {"status": "ok", "model": self.server.served.name, "busy": sched.busy,
+                "running": len(sched.running),
                 "waiting": sched.waiting}
 
     # -- generation -------------------------------------------------------------------------
@@ -173,16 +174,20 @@ class Handler(BaseHTTPRequestHandler):
             self._log(200, f"{result['input_tokens']} input tokens")
             return
         plan = result
-        job = self.server.scheduler.submit(Job(plan.prompt_ids, plan.settings))
-        events = reply_events(job.stream(self._client_gone), served.tokenizer, plan.stops,
-                              raw=plan.raw, on_stop=job.cancel)
+        job = self.server.scheduler.submit(Job(plan.prompt_ids, plan.settings, plan.n))
+
+        def reply(choice: int, evs):
+            return reply_events(evs, served.tokenizer, plan.stops, raw=plan.raw,
+                                on_stop=lambda: job.stop_choice(choice))
+
+        events = choice_events(job.stream(self._client_gone), plan.n, reply)
         finish: list[Finish] = []
 
         def watched(evs):
-            for ev in evs:
+            for i, ev in evs:
                 if isinstance(ev, Finish):
                     finish.append(ev)
-                yield ev
+                yield i, ev
 
         try:
             if plan.stream:
@@ -205,16 +210,17 @@ class Handler(BaseHTTPRequestHandler):
             return
         finally:
             job.cancel()  # a no-op once the job is done
-        if not finish:
+        if len(finish) < plan.n:
             self._log(499, "the client went away; generation stopped")
             return
-        f = finish[0]
-        self._log(200, _usage_note(f.usage, f.reason, plan.stream))
+        reasons = ",".join(f.reason for f in finish)
+        self._log(200, _usage_note(total_usage([f.usage for f in finish]), reasons,
+                                   plan.stream, job.peak_batch))
 
     def _respond(self, plan: Plan, events) -> None:
         served = self.server.served
-        if self._path == "/v1/messages":
-            body = anthropic_api.message_response(events, served, plan)
+        if self._path == "/v1/messages":  # one choice: no index
+            body = anthropic_api.message_response((ev for _, ev in events), served, plan)
         elif plan.raw:
             body = openai_api.completion_response(events, served)
         else:
@@ -232,7 +238,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         write = self.wfile.write
         if self._path == "/v1/messages":
-            for name, data in anthropic_api.message_events(events, served, plan):
+            for name, data in anthropic_api.message_events((ev for _, ev in events), served,
+                                                           plan):
                 write(f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
                       .encode())
                 self.wfile.flush()
@@ -260,14 +267,14 @@ def _describe(e: Exception) -> str:
     return str(e) if isinstance(e, KimiError) else f"internal error: {type(e).__name__}: {e}"
 
 
-def _usage_note(u: Usage, reason: str, stream: bool) -> str:
+def _usage_note(u: Usage, reason: str, stream: bool, batch: int) -> str:
     return (f"{'stream' if stream else 'whole'} | prompt {u.prompt_tokens} tokens "
             f"({u.cached_tokens} cached), ttft {u.ttft:.2f} s | {u.completion_tokens} generated, "
-            f"{u.generation_tps:.1f} tok/s | {reason}")
+            f"{u.generation_tps:.1f} tok/s | {reason} | batch {batch}")
 
 
 def serve(served: Served, engine, host: str, port: int, api_key: str | None = None,
-          max_queue: int = config.SERVE_MAX_QUEUE,
+          max_queue: int = config.SERVE_MAX_QUEUE, parallel: int = config.SERVE_PARALLEL,
           announce: Callable[[str], None] | None = None) -> None:
     """Serve until Ctrl-C (KeyboardInterrupt propagates to the caller, after a clean stop)."""
 
@@ -275,7 +282,7 @@ def serve(served: Served, engine, host: str, port: int, api_key: str | None = No
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    scheduler = Scheduler(engine, max_queue, log)
+    scheduler = Scheduler(engine, max_queue, log, parallel)
     try:
         httpd = Server((host, port), served, scheduler, api_key, log)
     except OSError as e:

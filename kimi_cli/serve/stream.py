@@ -6,7 +6,8 @@ and stop sequences, and ends with the finish reason and usage the wire shapes re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..chat import parser as chat
@@ -175,6 +176,9 @@ def reply_events(events: Iterator, tokenizer, stops: list[str] | None = None,
         return out
 
     for ev in events:
+        if ev is None:  # nothing yet (see choice_events): say so, and go on when asked
+            yield None
+            continue
         if isinstance(ev, Started):
             usage.prompt_tokens, usage.cached_tokens = ev.prompt_tokens, ev.cached_tokens
             yield ev
@@ -226,6 +230,40 @@ def reply_events(events: Iterator, tokenizer, stops: list[str] | None = None,
         yield Finish("tool_calls", usage)
     else:
         yield Finish(reason, usage)
+
+
+def choice_events(stream: Iterator[tuple[int, object]], n: int,
+                  reply: Callable[[int, Iterator], Iterator[Event | None]]
+                  ) -> Iterator[tuple[int, Event]]:
+    """(choice, event) pairs from a job's (choice, engine event) stream: each choice has its own
+    `reply(choice, events)` (parser, tool calls, stop sequences), fed as its events arrive."""
+    inboxes = [deque() for _ in range(n)]
+
+    def inbox(q: deque) -> Iterator:
+        while True:
+            yield q.popleft() if q else None
+
+    replies = [reply(i, inbox(q)) for i, q in enumerate(inboxes)]
+    live = set(range(n))
+    for i, ev in stream:
+        inboxes[i].append(ev)
+        for out in replies[i]:
+            if out is None:  # it has used what there is
+                break
+            yield i, out
+        else:
+            live.discard(i)
+            if not live:
+                return
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    """One request's usage over its choices: the prompt once, the completions summed."""
+    first = usages[0]
+    return Usage(first.prompt_tokens, first.cached_tokens,
+                 sum(u.completion_tokens for u in usages),
+                 sum(u.reasoning_tokens for u in usages),
+                 min(u.ttft for u in usages), sum(u.generation_tps for u in usages))
 
 
 def _convert(pevents: list, tracker: CallTracker | None, text_events) -> Iterator[Event]:

@@ -33,6 +33,7 @@ DIST_CONNECT_TIMEOUT = 60.0
 # expert-cache misses included) before it takes the other ranks for gone
 # (KIMI_DIST_STEP_TIMEOUT overrides it).
 DIST_STEP_TIMEOUT = 600.0
+DIST_SIGTERM_GRACE = 3.0  # s a rank stuck in MLX gets after mlx.launch's SIGTERM, then killed
 DIST_FOLLOWER_CACHES = 4
 # Tokens per forward pass during prefill: bounds activation memory on long prompts.
 PREFILL_CHUNK = 512

@@ -16,6 +16,14 @@ from ..errors import KimiError
 class PeerLost(KimiError):
     """Another rank of the group stopped or cannot be reached: this run cannot go on."""
 
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        global _ending
+        _ending = True  # one message: mlx.launch's SIGTERM must not interrupt this one
+
+
+_ending = False
+
 
 def env_rank() -> int:
     """This process's rank as mlx.launch set it (0 when not launched)."""
@@ -168,9 +176,46 @@ def stop_on_sigterm() -> None:
     says so (one line, exit 1) instead of vanishing; the others leave quietly (rank 0 or the
     rank that failed has said what went wrong)."""
 
+    message = "kimi: error: another rank of the group stopped, and mlx.launch ended this run"
+
     def handler(signum, frame):
+        if _ending:  # this rank is already saying why it stops, and exiting
+            return
         if env_rank() != 0:
             os._exit(1)
-        raise PeerLost("another rank of the group stopped, and mlx.launch ended this run")
+        raise PeerLost(message.removeprefix("kimi: error: "))
 
     signal.signal(signal.SIGTERM, handler)
+    _sigterm_backstop(message + "\n" if env_rank() == 0 else "", config.DIST_SIGTERM_GRACE)
+
+
+# The backstop's child: after faulthandler's SIGTERM dump arrives, wait `grace` seconds for the
+# pipe to close (this process ended through its Python handler), else say the message and kill.
+_BACKSTOP = """import os, select, signal, sys, time
+if os.read(0, 1):
+    end = time.monotonic() + float(sys.argv[2])
+    while (left := end - time.monotonic()) > 0:
+        if select.select([0], [], [], left)[0] and not os.read(0, 65536):
+            sys.exit(0)
+    os.write(2, sys.argv[1].encode())
+    os.kill(int(sys.argv[3]), signal.SIGKILL)
+"""
+
+
+def _sigterm_backstop(message: str, grace: float) -> None:
+    """SIGTERM while MLX blocks in C (a recv from a peer that died can wait forever, holding
+    the GIL) never reaches the Python handler. faulthandler's C handler still runs: it writes
+    into a pipe, then chains to the Python handler; a tiny child process (its own session, so
+    mlx.launch's signals spare it) gives that handler `grace` seconds, then says `message` and
+    kills this process, so no rank outlives its run."""
+    read_end, write_end = os.pipe()
+    subprocess.Popen([sys.executable, "-S", "-c", _BACKSTOP, message, str(grace),
+                      str(os.getpid())], stdin=read_end, stderr=sys.__stderr__,
+                     stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    os.close(read_end)
+    global _backstop_pipe
+    _backstop_pipe = os.fdopen(write_end, "w")  # faulthandler needs it open for the run
+    faulthandler.register(signal.SIGTERM, file=_backstop_pipe, all_threads=False, chain=True)
+
+
+_backstop_pipe = None

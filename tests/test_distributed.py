@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_helpers import ServeProcess
 
 from kimi_cli.checkpoint.reader import open_checkpoint
 from kimi_cli.distributed.split import (
@@ -349,3 +351,35 @@ def test_a_bad_hostfile_is_a_usage_error(env, tmp_path):
                            capture_output=True, text=True, timeout=60,
                            stdin=subprocess.DEVNULL)
         assert r.returncode == 2 and r.stderr.startswith("kimi: error: --hostfile:"), r.stderr
+
+
+def test_serve_with_a_hostfile_answers_as_one_process_does_and_stops_on_ctrl_c(ckpt, env,
+                                                                                tmp_path):
+    alone = subprocess.run([KIMI, "run", "-m", str(ckpt), "--raw", "-t", "0", "-n", "6", "-f",
+                            "json", "abc"], env=env, capture_output=True, text=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+    assert alone.returncode == 0, alone.stderr
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    srv = ServeProcess(["-m", str(ckpt), "--hostfile", str(hosts)], env, timeout=120)
+    try:
+        assert srv.url, srv.log()
+        body = json.dumps({"model": "kimi-k2-thinking", "prompt": "abc", "max_tokens": 6,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(srv.url + "/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            doc = json.load(r)
+        assert doc["choices"][0]["text"] == json.loads(alone.stdout)["text"]
+        refused = subprocess.run([KIMI, "serve", "-m", str(ckpt), "--hostfile", str(hosts),
+                                  "--parallel", "2", "--port", "0"], env=env,
+                                 capture_output=True, text=True, timeout=120,
+                                 stdin=subprocess.DEVNULL)
+        assert refused.returncode == 2 and "--parallel" in refused.stderr, refused.stderr
+    finally:
+        code = srv.stop()
+    assert code == 130, srv.log()
+    assert "Traceback" not in srv.log()
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"serve -m {ckpt}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a rank outlived the server"

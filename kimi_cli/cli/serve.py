@@ -15,6 +15,7 @@ from ..errors import UsageError
 from .app import app
 from .common import (
     _check_expert_cache,
+    _distributed,
     _err,
     _errors,
     _loading,
@@ -22,7 +23,14 @@ from .common import (
     model_dir,
     resolve_model,
 )
-from .options import DebugOpt, ExpertCacheOpt, NoPrefetchOpt, PinExpertsOpt
+from .options import (
+    DebugOpt,
+    ExpertCacheOpt,
+    HostfileOpt,
+    NoPrefetchOpt,
+    PinExpertsOpt,
+    SplitOpt,
+)
 
 
 class ReasoningField(str, Enum):
@@ -65,10 +73,20 @@ def serve(
     expert_cache: ExpertCacheOpt = None,
     no_prefetch: NoPrefetchOpt = False,
     pin_experts: PinExpertsOpt = None,
+    split: SplitOpt = None,
+    hostfile: HostfileOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Serve the model over HTTP: OpenAI (/v1/chat/completions) and Anthropic (/v1/messages)."""
     with _errors(debug):
+        _distributed(hostfile, split)
+        from ..distributed.group import launched
+
+        if launched():  # rank 0 serves; the other ranks follow it inside load()
+            if parallel is not None and parallel > 1:
+                raise UsageError("--parallel: several machines serve one request at a time "
+                                 "(batched decoding through a pipeline is not built yet)")
+            parallel = 1
         if not 0 <= port <= 65535:
             raise UsageError("--port must be in 0-65535")
         context_given = context_limit is not None

@@ -381,5 +381,6 @@ def test_serve_with_a_hostfile_answers_as_one_process_does_and_stops_on_ctrl_c(c
     assert code == 130, srv.log()
     assert "Traceback" not in srv.log()
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", f"serve -m {ckpt}"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", f"kimi serve .*-m {ckpt}"], capture_output=True,
+                          text=True)
     assert left.stdout.strip() == "", "a rank outlived the server"

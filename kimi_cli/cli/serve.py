@@ -79,13 +79,14 @@ def serve(
 ) -> None:
     """Serve the model over HTTP: OpenAI (/v1/chat/completions) and Anthropic (/v1/messages)."""
     with _errors(debug):
-        _distributed(hostfile, split)
         from ..distributed.group import launched
 
-        if launched():  # rank 0 serves; the other ranks follow it inside load()
-            if parallel is not None and parallel > 1:
-                raise UsageError("--parallel: several machines serve one request at a time "
-                                 "(batched decoding through a pipeline is not built yet)")
+        several = hostfile is not None or launched()  # rank 0 serves, the others follow
+        if several and parallel is not None and parallel > 1:  # said before mlx.launch starts
+            raise UsageError("--parallel: several machines serve one request at a time "
+                             "(batched decoding through a pipeline is not built yet)")
+        _distributed(hostfile, split)
+        if several:
             parallel = 1
         if not 0 <= port <= 65535:
             raise UsageError("--port must be in 0-65535")

@@ -62,8 +62,9 @@ class Watchdog:
         self.seconds = seconds
         read_end, write_end = os.pipe()
         self.reporter = subprocess.Popen(
-            [sys.executable, "-S", "-c", "import os,sys\nif os.read(0, 1): os.write(2, "
-             "sys.argv[1].encode())", message], stdin=read_end, stderr=sys.__stderr__,
+            [sys.executable, "-S", "-c", "import os,signal,sys\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the rank's, not ours\n"
+             "if os.read(0, 1): os.write(2, sys.argv[1].encode())", message], stdin=read_end, stderr=sys.__stderr__,
             stdout=subprocess.DEVNULL, close_fds=True)
         os.close(read_end)
         self.pipe = os.fdopen(write_end, "w")
@@ -192,6 +193,7 @@ def stop_on_sigterm() -> None:
 # The backstop's child: after faulthandler's SIGTERM dump arrives, wait `grace` seconds for the
 # pipe to close (this process ended through its Python handler), else say the message and kill.
 _BACKSTOP = """import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 if os.read(0, 1):
     end = time.monotonic() + float(sys.argv[2])
     while (left := end - time.monotonic()) > 0:

@@ -4,8 +4,10 @@ mlx.launch (MLX's own launcher), and exit with rank 0's exit code."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,24 +70,71 @@ def relaunch(hostfile: Path, argv: list[str] | None = None) -> int:
     cmd = [launcher(), "--hostfile", str(hostfile), "--", str(Path(kimi).resolve()), *argv]
     codes: dict[int, int] = {}
     said: set[str] = set()
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    # Its own process group: mlx.launch leaves the ranks behind when it is ended, so the group
+    # is how Ctrl-C reaches all of them (as from a terminal) and how none outlives this call.
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace",
+                         start_new_session=True)
+    interrupted = False
     try:
-        for line in p.stderr:
-            m = _NODE_END.search(_ANSI.sub("", line))
-            if m:  # the launcher's own note; kimi's ranks said what went wrong
-                codes[int(m.group(1))] = int(m.group(2)) if m.group(2) else 1
-                continue
-            same = _RANK.sub("", line)
-            if same.startswith("kimi: ") and same in said:
-                continue  # every rank hit the same error (a path missing on all hosts)
-            said.add(same)
-            sys.stderr.write(line)
-            sys.stderr.flush()
+        while True:
+            try:
+                for line in p.stderr:
+                    m = _NODE_END.search(_ANSI.sub("", line))
+                    if m:  # the launcher's own note; kimi's ranks said what went wrong
+                        codes[int(m.group(1))] = int(m.group(2)) if m.group(2) else 1
+                        continue
+                    same = _RANK.sub("", line)
+                    if same.startswith("kimi: ") and same in said:
+                        continue  # every rank hit the same error (a path missing on all hosts)
+                    said.add(same)
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                break
+            except KeyboardInterrupt:  # Ctrl-C is rank 0's to act on (stop a reply, or exit)
+                if interrupted:  # a second one: end them all now
+                    _end_group(p.pid, signal.SIGKILL)
+                    break
+                interrupted = True
+                _interrupt_ranks(p.pid)
         p.wait()
-    except KeyboardInterrupt:
-        p.terminate()
-        p.wait()
+    finally:
+        _reap_group(p.pid, grace=5.0)  # whatever mlx.launch left running
+    if interrupted and 0 not in codes:
         return 130
     if 0 in codes:
         return codes[0] if codes[0] >= 0 else 1
     return 1 if any(codes.values()) else 0
+
+
+def _end_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap_group(pgid: int, grace: float) -> None:
+    """Give the group's processes `grace` seconds to end by themselves, then kill the rest."""
+    import time
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    _end_group(pgid, signal.SIGKILL)
+
+
+def _interrupt_ranks(pgid: int) -> None:
+    """Ctrl-C as a terminal would send it, to the group's processes but mlx.launch itself
+    (which would die of it with a traceback and leave the ranks behind)."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=,pgid="], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        pid, _, group = line.strip().partition(" ")
+        if group.strip() == str(pgid) and pid != str(pgid):
+            try:
+                os.kill(int(pid), signal.SIGINT)
+            except (ProcessLookupError, PermissionError, ValueError):
+                pass

@@ -307,34 +307,10 @@ def _run_pp(model, cache: list, ids: list[int], chunk: int) -> tuple[float, floa
     return len(ids) / (t1 - t0), time.perf_counter() - t0
 
 
-def _run_tg(model, cache: list, first: int, n: int) -> tuple[float, float]:
-    """n greedy decode steps, pipelined like mlx-lm's generate_step (step i+1 is queued before
-    token i is read), with no stop token: (tokens/s, latency of the first step)."""
-
-    def step(y: mx.array) -> mx.array:
-        return mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
-
-    y = mx.array([first])
-    mx.eval(y)
-    t0 = time.perf_counter()
-    y = step(y)
-    mx.async_eval(y)
-    ttft = 0.0
-    for i in range(n):
-        nxt = None
-        if i + 1 < n:
-            nxt = step(y)
-            mx.async_eval(nxt)
-        y.item()
-        if i == 0:
-            ttft = time.perf_counter() - t0
-        y = nxt
-    return n / (time.perf_counter() - t0), ttft
-
-
-def _run_tg_batch(model, cache: list, firsts: list[int], n: int) -> tuple[float, float]:
-    """n greedy steps of a batch, pipelined as `_run_tg`: (tokens/s over all rows, latency of
-    the first step)."""
+def _run_tg(model, cache: list, firsts: list[int], n: int) -> tuple[float, float]:
+    """n greedy decode steps of len(firsts) rows, pipelined like mlx-lm's generate_step (step
+    i+1 is queued before token i is read), with no stop token: (tokens/s over all rows, latency
+    of the first step)."""
 
     def step(y: mx.array) -> mx.array:
         return mx.argmax(model(y, cache=cache)[:, -1, :], axis=-1)[:, None]
@@ -396,10 +372,9 @@ def measure(c: Contender, test: Test, rng_seed: int, vocab: int, repeats: int, c
         if test.kind == "pp":
             tps, ttft = _run_pp(model, cache, prompt, chunk)
         elif test.batch > 1:
-            tps, ttft = _run_tg_batch(model, _batch_cache(cache, test.batch), prompt,
-                                      test.tokens)
+            tps, ttft = _run_tg(model, _batch_cache(cache, test.batch), prompt, test.tokens)
         else:
-            tps, ttft = _run_tg(model, cache, prompt[0], test.tokens)
+            tps, ttft = _run_tg(model, cache, prompt[:1], test.tokens)
         if r == 0:
             continue  # warm-up
         if expert_cache is not None:

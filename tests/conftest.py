@@ -91,3 +91,23 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 def corruptible_ckpt(tiny_ckpt: Path, tmp_path: Path) -> Path:
     """A fresh copy of the tiny checkpoint that a test may damage."""
     return copy_checkpoint(tiny_ckpt, tmp_path / "ckpt")
+
+
+@pytest.fixture
+def start(tmp_path: Path, env: dict[str, str]):
+    """Start private `kimi serve` processes on scripted outputs (and flags), at a given rate;
+    each stops after the test. `env` is the serve test module's own."""
+    from serve_helpers import ServeProcess, script_file
+
+    servers: list[ServeProcess] = []
+
+    def _start(outputs: list[str], *flags: str, rate: float = 0) -> ServeProcess:
+        spec = script_file(tmp_path / f"s{len(servers)}", outputs) + (f"@{rate}" if rate else "")
+        srv = ServeProcess(["--model", spec, *flags], env)
+        servers.append(srv)
+        return srv
+
+    yield _start
+    for srv in servers:
+        srv.stop()
+

@@ -56,22 +56,6 @@ def answers(tmp_path_factory, env):
     srv.stop()
 
 
-@pytest.fixture
-def start(tmp_path, env):
-    """Start a private server with these scripted outputs (and flags); stopped afterwards."""
-    servers: list[ServeProcess] = []
-
-    def _start(outputs: list[str], *flags: str, rate: float = 0) -> ServeProcess:
-        spec = script_file(tmp_path / f"s{len(servers)}", outputs) + (f"@{rate}" if rate else "")
-        srv = ServeProcess(["--model", spec, *flags], env)
-        servers.append(srv)
-        return srv
-
-    yield _start
-    for srv in servers:
-        srv.stop()
-
-
 def client(srv: ServeProcess, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(api_key=key, base_url=srv.base, max_retries=0, timeout=TIMEOUT)
 

@@ -36,21 +36,6 @@ def answers(tmp_path_factory, env):
     srv.stop()
 
 
-@pytest.fixture
-def start(tmp_path, env):
-    servers: list[ServeProcess] = []
-
-    def _start(outputs: list[str], *flags: str) -> ServeProcess:
-        srv = ServeProcess(["--model", script_file(tmp_path / f"s{len(servers)}", outputs),
-                            *flags], env)
-        servers.append(srv)
-        return srv
-
-    yield _start
-    for srv in servers:
-        srv.stop()
-
-
 def client(srv: ServeProcess, key: str = "k3y") -> anthropic.Anthropic:
     # The client appends /v1/messages to the base URL, as with ANTHROPIC_BASE_URL.
     return anthropic.Anthropic(api_key=key, base_url=srv.url, max_retries=0, timeout=TIMEOUT)

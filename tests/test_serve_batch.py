@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from serve_helpers import ANSWER, KIMI, ServeProcess, script_file, serve_env
+from serve_helpers import ANSWER, KIMI, ServeProcess, serve_env
 
 TIMEOUT = 60  # seconds, on every client call
 MEDIUM = "<think>" + " ".join(f"step{i}" for i in range(60)) + "</think>Done."
@@ -38,21 +38,6 @@ def ckpt(tiny_ckpt: Path, env):
     srv = ServeProcess(["--model", str(tiny_ckpt), "--parallel", "4"], env)
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def start(tmp_path, env):
-    servers: list[ServeProcess] = []
-
-    def _start(outputs: list[str], *flags: str, rate: float = 0) -> ServeProcess:
-        spec = script_file(tmp_path / f"s{len(servers)}", outputs) + (f"@{rate}" if rate else "")
-        srv = ServeProcess(["--model", spec, *flags], env)
-        servers.append(srv)
-        return srv
-
-    yield _start
-    for srv in servers:
-        srv.stop()
 
 
 def client(srv: ServeProcess) -> openai.OpenAI:
